@@ -1,0 +1,281 @@
+"""Injection, PEFT-style: ``get_moram_model(model, config)`` wraps the configured projections.
+
+    model = get_moram_model(AutoModelForCausalLM.from_pretrained(...), MoRAMConfig(r=8, k=8))
+    for task in tasks:
+        model.begin_task(task.name)       # r fresh atoms per layer; only they train
+        train(model, task)                # any loop: plain PyTorch, HF Trainer, DeepSpeed...
+        report = model.end_task()         # prune (optional), bake the scale, freeze
+        shard = model.export_shard()      # this task's atoms + statistics as safetensors bytes
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .attention import split_multihead_attention
+from .config import MoRAMConfig, MoRAMConfigError
+from .layer import MoRAMLayer, base_features
+from .persistence import Shard, ShardError, read_shard, shard_to_bytes
+
+_SPLIT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+@dataclass
+class TaskReport:
+    """What end_task() did: atoms trained, kept and dropped, per layer."""
+
+    task: str
+    task_index: int
+    added: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def atoms_added(self) -> int:
+        return sum(self.added.values())
+
+    @property
+    def atoms_kept(self) -> int:
+        return sum(self.kept.values())
+
+    @property
+    def atoms_dropped(self) -> int:
+        return self.atoms_added - self.atoms_kept
+
+    def dropped(self) -> dict[str, int]:
+        return {name: self.added[name] - self.kept[name] for name in self.added}
+
+
+class MoRAMModel(nn.Module):
+    """A model whose target projections carry MoRAM atom banks; everything else is frozen."""
+
+    def __init__(self, model: nn.Module, config: MoRAMConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.task_names: list[str] = []
+        self._open_task: str | None = None
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if _wants_split_attention(model, config):
+            split_multihead_attention(model)
+        self.moram_layers: dict[str, MoRAMLayer] = {}
+        for name in _matching_modules(model, config.target_modules):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = MoRAMLayer(getattr(parent, child), config, name=name)
+            setattr(parent, child, layer)
+            self.moram_layers[name] = layer
+
+    # -- delegation to the wrapped model (generate, config, ...) ---------------------------
+    def forward(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        with self._token_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @contextlib.contextmanager
+    def _token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        if mask is None or not any(layer.collect_stats for layer in self.moram_layers.values()):
+            yield
+            return
+        for layer in self.moram_layers.values():
+            layer.token_mask = mask
+        try:
+            yield
+        finally:
+            for layer in self.moram_layers.values():
+                layer.token_mask = None
+
+    # -- the continual-learning lifecycle --------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def begin_task(self, name: str | None = None) -> None:
+        """Add r fresh atoms per layer; only these are trainable until end_task()."""
+        if self._open_task is not None:
+            raise RuntimeError(f"begin_task(): task {self._open_task!r} is still open; call end_task() first")
+        name = name or f"task-{self.num_tasks}"
+        for layer in self.moram_layers.values():
+            layer.begin_task(self.num_tasks)
+            layer.collect_stats = self.config.collect_stats
+        self._open_task = name
+
+    def end_task(self, prune: bool = True) -> TaskReport:
+        """Freeze the task's atoms with the scale baked into B, post-pruning them first
+        (to ``config.prune_mass`` of their activation mass) unless ``prune`` is False."""
+        if self._open_task is None:
+            raise RuntimeError("end_task() without begin_task()")
+        coverage = self.config.prune_mass if prune else None
+        report = TaskReport(task=self._open_task, task_index=self.num_tasks)
+        for name, layer in self.moram_layers.items():
+            block = layer.end_task(coverage)
+            layer.collect_stats = False
+            report.added[name], report.kept[name] = block.added, block.A.shape[0]
+        self.task_names.append(self._open_task)
+        self._open_task = None
+        return report
+
+    def set_routing(self, k: int | None = None, tau: float | None = None, delta: float | None = None) -> None:
+        """Change k, τ or δ of every layer in place (δ acts in eval mode only)."""
+        changes = {key: value for key, value in {"k": k, "tau": tau, "delta": delta}.items() if value is not None}
+        self.config.replace(**changes)  # validates the new values
+        for layer in self.moram_layers.values():
+            for key, value in changes.items():
+                setattr(layer, key, value)
+
+    @contextlib.contextmanager
+    def collect_activation_stats(self) -> Iterator[None]:
+        """Accumulate per-atom activation mass (Σ_tokens w_i) over the forwards inside the block,
+        e.g. an eval pass over a task's data; padding tokens are excluded via attention_mask."""
+        previous = {name: layer.collect_stats for name, layer in self.moram_layers.items()}
+        for layer in self.moram_layers.values():
+            layer.collect_stats = True
+        try:
+            yield
+        finally:
+            for name, layer in self.moram_layers.items():
+                layer.collect_stats = previous[name]
+
+    def activation_mass(self) -> dict[str, torch.Tensor]:
+        return {name: layer.activation_mass.clone() for name, layer in self.moram_layers.items()}
+
+    # -- parameters ------------------------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters, frozen atoms included in the total."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters()) + sum(
+            layer.frozen_A.numel() + layer.frozen_B.numel() + layer.frozen_router.numel()
+            for layer in self.moram_layers.values())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.parameter_counts()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def atom_counts(self) -> dict[str, int]:
+        return {name: layer.num_frozen for name, layer in self.moram_layers.items()}
+
+    # -- persistence -----------------------------------------------------------------------
+    def export_shard(self) -> bytes:
+        """The atoms and statistics of the last finished task, as safetensors bytes."""
+        if not self.task_names or any(l.last_finished is None for l in self.moram_layers.values()):
+            raise RuntimeError("export_shard(): no task has finished since this model was built or loaded")
+        blocks = {}
+        for name, layer in self.moram_layers.items():
+            done = layer.last_finished
+            blocks[name] = {"A": done.A, "B": done.B, "mass": done.mass, "routing_mass": done.routing_mass,
+                            "kept": done.kept, "router": done.router}
+        metadata = {
+            "task": self.task_names[-1],
+            "task_index": len(self.task_names) - 1,
+            "method": self.config.method,
+            "mode": "replace" if self.config.method == "seqlora" else "append",
+            "config": self.config.to_dict(),
+            "added": {name: layer.last_finished.added for name, layer in self.moram_layers.items()},
+        }
+        return shard_to_bytes(blocks, metadata)
+
+    def save_shard(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.export_shard())
+        return path
+
+    @torch.no_grad()
+    def load_shards(self, shards: Iterable[Shard | bytes | str | Path], prune_mass: float | None = None) -> None:
+        """Rebuild the frozen bank from shards in task order (a fresh base model + shards of a
+        version = the trained model). ``prune_mass`` is a pruning view: each shard's atoms are
+        cut to the smallest set covering that share of their recorded activation mass."""
+        if self._open_task is not None:
+            raise RuntimeError("load_shards(): a task is open; end it first")
+        parsed = [s if isinstance(s, Shard) else read_shard(s) for s in shards]
+        for shard in parsed:
+            self._check_compatible(shard)
+        for layer in self.moram_layers.values():
+            layer.clear_frozen()
+            layer.last_finished = None
+        self.task_names = []
+        for shard in parsed:
+            for name, layer in self.moram_layers.items():
+                if shard.mode == "replace":
+                    layer.clear_frozen()
+                fields = shard.layer(name)
+                A, B = fields["A"], fields["B"]
+                if prune_mass is not None and shard.metadata["method"] == "moram":
+                    from .functional import atoms_to_keep
+
+                    keep = atoms_to_keep(fields["mass"].float(), prune_mass)
+                    A, B = A[keep], B[:, keep]
+                layer.append_frozen(A, B, fields.get("router"))
+            self.task_names.append(shard.metadata["task"])
+
+    def _check_compatible(self, shard: Shard) -> None:
+        if shard.metadata["method"] != self.config.method:
+            raise ShardError(f"shard {shard.name}: method {shard.metadata['method']!r} does not match "
+                             f"this model's {self.config.method!r}")
+        expected, found = set(self.moram_layers), set(shard.layer_names)
+        if expected != found:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise ShardError(f"shard {shard.name}: layers do not match this model "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
+        for name, layer in self.moram_layers.items():
+            fields = shard.layer(name)
+            if fields["A"].shape[1] != layer.in_features or fields["B"].shape[0] != layer.out_features:
+                raise ShardError(f"shard {shard.name}: layer {name} has atoms of shape "
+                                 f"{tuple(fields['A'].shape)}/{tuple(fields['B'].shape)}, the model "
+                                 f"needs [n, {layer.in_features}]/[{layer.out_features}, n]")
+
+
+def get_moram_model(model: nn.Module, config: MoRAMConfig) -> MoRAMModel:
+    """Turn ``model`` into a MoRAM model for ``config.target_modules`` (base weights frozen)."""
+    return MoRAMModel(model, config)
+
+
+def _wants_split_attention(model: nn.Module, config: MoRAMConfig) -> bool:
+    has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return has_mha and any(re.search(targets, f"attn.{p}") for p in _SPLIT_PROJECTIONS)
+    return has_mha and bool(_SPLIT_PROJECTIONS & set(targets))
+
+
+def _is_projection(module: nn.Module) -> bool:
+    try:
+        base_features(module)
+        return True
+    except (TypeError, AttributeError):
+        return False
+
+
+def _matching_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
+    projections = [name for name, m in model.named_modules() if name and _is_projection(m)]
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        matched = [name for name in projections if pattern.fullmatch(name)]
+    else:
+        matched = [name for name in projections
+                   if any(name == t or name.endswith("." + t) for t in targets)]
+    if not matched:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in projections})
+        raise MoRAMConfigError(
+            f"target_modules: {targets!r} matches no nn.Linear/Conv1D module of this model; "
+            f"its projection names are {suffixes}")
+    return matched
