@@ -26,8 +26,10 @@ def effective_k(k: int, num_atoms: int) -> int:
 
 
 def normalized_scores(h: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """Eq. 5: each atom's relevance, the key response L2-normalised over the atoms (float32)."""
-    h = h.float()
+    """Eq. 5: each atom's relevance, the key response L2-normalised over the atoms.
+
+    Computed in at least float32 (bf16/fp16 responses are upcast; float64 stays float64)."""
+    h = h.to(torch.promote_types(h.dtype, torch.float32))
     return h / h.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 

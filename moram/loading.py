@@ -60,7 +60,7 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype | None = None,
 
     folder, gguf_file = resolve_model_source(source)
     if gguf_file and cache_dir is not None:
-        folder, gguf_file = _dequantised_cache(folder / gguf_file, Path(cache_dir)), None
+        folder, gguf_file = dequantized_folder(folder / gguf_file, Path(cache_dir)), None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
@@ -81,7 +81,8 @@ def model_fingerprint(source: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def _dequantised_cache(gguf_path: Path, cache_dir: Path) -> Path:
+def dequantized_folder(gguf_path: Path, cache_dir: Path) -> Path:
+    """A plain safetensors copy of a GGUF model under ``cache_dir``, made once, reused after."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf_path.stat()

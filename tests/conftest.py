@@ -16,4 +16,5 @@ for key, value in {
 
 pytest_plugins = [
     "fixtures.paths",
+    "fixtures.models",
 ]
