@@ -1,0 +1,42 @@
+"""Errors of the memory registry. Every message names the run, version, shard or key at
+fault and never carries a credential."""
+
+
+class RegistryError(Exception):
+    """Base class of every error the memory registry raises."""
+
+
+class InvalidNameError(RegistryError, ValueError):
+    """A run or task name is empty, contains a path separator or '..', or uses other characters."""
+
+
+class InvalidURIError(RegistryError, ValueError):
+    """A registry URI names no supported backend (a path, ``file://...`` or ``s3://bucket/prefix``)."""
+
+
+class StorageError(RegistryError):
+    """The storage backend failed (unreachable endpoint, access denied, disk error...)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """A key does not exist in the storage backend."""
+
+
+class ManifestError(RegistryError):
+    """A version manifest is not JSON, lacks a field, or has a schema newer than this code."""
+
+
+class ShardIntegrityError(RegistryError):
+    """A shard is missing, truncated, altered, or not a valid MoRAM shard."""
+
+
+class VersionNotFoundError(RegistryError, LookupError):
+    """The run has no such version."""
+
+
+class CommitError(RegistryError):
+    """A commit was refused before anything became visible (e.g. its parent version is missing)."""
+
+
+class CommitConflictError(CommitError):
+    """The task is already committed with different content; versions are immutable."""
