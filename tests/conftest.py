@@ -17,4 +17,5 @@ for key, value in {
 pytest_plugins = [
     "fixtures.paths",
     "fixtures.models",
+    "fixtures.s3",
 ]
