@@ -18,4 +18,5 @@ pytest_plugins = [
     "fixtures.paths",
     "fixtures.models",
     "fixtures.s3",
+    "fixtures.images",
 ]
