@@ -18,5 +18,6 @@ pytest_plugins = [
     "fixtures.paths",
     "fixtures.models",
     "fixtures.s3",
+    "fixtures.mlflow_server",
     "fixtures.images",
 ]

@@ -1,0 +1,124 @@
+"""Optimisation engines for one task's atoms: DeepSpeed (the platform default) or plain PyTorch.
+
+Both expose the same three calls, so the training loop is written once:
+
+    engine = build_engine(model, config.train, world_size, device)
+    loss = engine.loss(batch)      # forward on one micro-batch
+    engine.backward(loss)          # gradient accumulation handled inside
+    engine.step()                  # optimizer step at accumulation boundaries
+
+Each task gets a new engine: fresh optimizer state for fresh atoms (DESIGN: growth).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import TrainSection
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def accumulation_steps(train: TrainSection, world_size: int) -> int:
+    return train.global_batch_size // (train.micro_batch_size * world_size)
+
+
+def deepspeed_config(train: TrainSection, world_size: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(train, world_size),
+        "train_batch_size": train.global_batch_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,  # progress is ours to report
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(params: list[nn.Parameter], train: TrainSection) -> torch.optim.Optimizer:
+    # The reference: Adam(0.9, 0.95), constant lr; AdamW with weight_decay=0 is the same update.
+    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO over the trainable atoms (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=_optimizer(params, train), model_parameters=params,
+            config=deepspeed_config(train, world_size), dist_init_required=False)
+        self.loss_fn = loss_fn
+        self.dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self.engine, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Returns True when this call completed an optimizer step."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class TorchEngine:
+    """Plain PyTorch: one process (a lone GPU box, a notebook) or DDP when a process group exists."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
+        self.model = model
+        if world_size > 1 and torch.distributed.is_initialized():
+            model = nn.parallel.DistributedDataParallel(model)
+        self.forward_model = model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(self.params, train)
+        self.loss_fn = loss_fn
+        self.grad_clip = train.grad_clip
+        self.accumulate = accumulation_steps(train, world_size)
+        self.micro_step = 0
+        self.autocast = train.precision == "bf16"
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        device = self.params[0].device.type if self.params else "cpu"
+        context = torch.autocast(device, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with context:
+            return self.loss_fn(self.forward_model, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulate).backward()
+
+    def step(self) -> bool:
+        self.micro_step += 1
+        if self.micro_step % self.accumulate:
+            return False
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_engine(model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
+    if train.engine == "deepspeed":
+        return DeepSpeedEngine(model, loss_fn, train, world_size)
+    return TorchEngine(model, loss_fn, train, world_size)

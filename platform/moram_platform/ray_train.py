@@ -1,0 +1,131 @@
+"""One task on Ray Train: a TorchTrainer whose workers run ``training.train_task``.
+
+Rank 0 commits the task's shard to the run's registry actor; a worker lost mid-task is
+restarted by Ray Train (FailureConfig) from the last checkpoint it reported.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from .benchmark import get_benchmark
+from .config import JobConfig, config_from_dict
+from .registry import BaseModelRef
+from .registry.actor import get_registry_actor
+from .training import Progress, World, train_task
+
+# Fault injection for tests and drills: the chief worker dies at this optimizer step on its
+# first attempt (no checkpoint yet restored), like a preempted node.
+FAULT_ENV = "MORAM_FAULT_AT_STEP"
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    config = config_from_dict(loop["config"])
+    benchmark = get_benchmark(config.benchmark)
+    context = ray.train.get_context()
+    world = World(rank=context.get_world_rank(), size=context.get_world_size(),
+                  device=ray.train.torch.get_device())
+    registry = get_registry_actor(loop["registry_uri"], loop["run_id"])
+    parent = loop["parent_version"]
+    shards = ray.get(registry.read_shards.remote(parent)) if parent else []
+    logger = _StepLogger(loop.get("tracking_uri"), loop.get("mlflow_run_id")) if world.is_chief else None
+    checkpoint = ray.train.get_checkpoint()
+    fault_step = int(os.environ.get(FAULT_ENV, "0")) if checkpoint is None else 0
+
+    def on_step(progress: Progress) -> None:
+        if logger is not None:
+            logger.log(progress)
+        if fault_step and world.is_chief and progress.step == fault_step:
+            os._exit(1)  # a hard crash, no cleanup: what a lost node looks like to Ray
+
+    def on_checkpoint(progress: Progress, save) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save(Path(folder))
+            ray.train.report({"step": progress.step, "train_loss": progress.losses[-1]},
+                             checkpoint=Checkpoint.from_directory(folder))
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            result = train_task(config, benchmark, loop["task_index"], shards, world, checkpoint_dir=folder,
+                                on_step=on_step, on_checkpoint=on_checkpoint)
+    else:
+        result = train_task(config, benchmark, loop["task_index"], shards, world,
+                            on_step=on_step, on_checkpoint=on_checkpoint)
+    metrics = result.metrics()
+    if world.is_chief:
+        model_id, revision = loop["base_model"]
+        version = ray.get(registry.commit.remote(result.shard, base_model=BaseModelRef(model_id, revision),
+                                                 metrics=metrics))
+        metrics["version"] = version.version
+        if logger is not None:
+            logger.flush()
+    ray.train.report(metrics)
+
+
+class _StepLogger:
+    """Streams the training loss of the chief worker into the task's MLflow run, in batches."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, every: int = 10):
+        self.run_id, self.every, self.pending = run_id, every, []
+        self.client = None
+        if tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, progress: Progress) -> None:
+        if self.client is None:
+            return
+        self.pending.append((progress.step, progress.losses[-1]))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is None or not self.pending:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric("train_loss", v, now, s) for s, v in self.pending])
+        self.pending = []
+
+
+def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: int | None,
+             base_model: tuple[str, str | None], mlflow_run_id: str | None) -> dict[str, Any]:
+    """Train one task with Ray Train and return rank 0's final metrics (incl. the new version)."""
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage = Path(config.run.output_dir).resolve() / "ray_train" if "://" not in config.run.output_dir \
+        else f"{config.run.output_dir.rstrip('/')}/ray_train"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(), "run_id": run_id, "task_index": task_index,
+            "parent_version": parent_version, "registry_uri": config.registry_uri(),
+            "base_model": list(base_model), "tracking_uri": config.tracking_uri(), "mlflow_run_id": mlflow_run_id,
+        },
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{run_id}-task-{task_index}", storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})

@@ -1,0 +1,232 @@
+"""The sequence driver: task after task, train on Ray Train, commit, evaluate, track.
+
+    for each task of the order:
+        current version (registry actor) -> Ray Train workers train the task's atoms (DeepSpeed)
+        -> rank 0 commits the new shard -> evaluate the new version on every task of the order
+        -> append the accuracy-matrix row -> MLflow (child run per task, parent per sequence)
+
+Everything a rerun needs is in storage: committed versions are never retrained, recorded
+evaluations are never recomputed, and MLflow runs are found again by their tags.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moram.metrics import summarize
+
+from .benchmark import Benchmark, get_benchmark
+from .config import ConfigError, JobConfig
+from .plots import accuracy_heatmap, activation_heatmap
+from .registry import Registry, RegistryError
+from .registry.evaluations import read_evaluation, record_evaluation
+from .tracking import Tracker, matrix_csv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SequenceResult:
+    run_id: str
+    tasks: list[str]
+    matrix: list[list[float]]
+    baseline: list[float] | None
+    summary: dict[str, float]
+    versions: list[int]
+    registry_uri: str
+    mlflow_run_id: str
+    mlflow_url: str
+    trained: list[str] = field(default_factory=list)   # tasks trained by this call (not resumed)
+
+    def table(self) -> str:
+        width = max(len(t) for t in self.tasks) + 2
+        lines = ["after \\ on".ljust(width) + "".join(t[:10].rjust(11) for t in self.tasks)]
+        if self.baseline is not None:
+            lines.append("zero-shot".ljust(width) + "".join(f"{v:11.2f}" for v in self.baseline))
+        for task, row in zip(self.tasks, self.matrix):
+            lines.append(task.ljust(width) + "".join(f"{v:11.2f}" for v in row))
+        lines.append("")
+        lines += [f"{name:<32}{value:8.2f}" for name, value in self.summary.items()]
+        return "\n".join(lines)
+
+
+def default_run_id(config: JobConfig) -> str:
+    model = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.model.source).stem).strip("-").lower()[:24]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{config.benchmark}-{model}-{config.moram_config.method}-{stamp}"
+
+
+def start_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, else start Ray in this process (embedded)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(include_dashboard=False)
+
+
+def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlflow_run: str | None = None,
+                 progress: bool = True) -> SequenceResult:
+    """Run (or resume) the continual-learning sequence ``config`` describes."""
+    benchmark = get_benchmark(config.benchmark)
+    benchmark.validate(config)                      # every task and data row, before anything starts
+    run_id = config.run.name or default_run_id(config)
+    registry = Registry(config.registry_uri())
+    _check_resumable(registry, run_id, config)
+    model_ref = benchmark.model_ref(config)
+
+    start_ray()
+    from .registry.actor import get_registry_actor
+
+    actor = get_registry_actor(config.registry_uri(), run_id)
+    tracker = Tracker(config.tracking_uri(), config.mlflow.experiment or config.benchmark, run_id,
+                      parent_run_id=parent_mlflow_run)
+    tags = {"moram.method": config.moram_config.method, "moram.model": model_ref[0],
+            "moram.order": ",".join(config.data.tasks), "moram.registry": registry.uri,
+            "moram.benchmark": config.benchmark, "moram.eval_profile": config.eval.profile}
+    parent, resumed = tracker.start_sequence(config.to_dict(), tags)
+    if not resumed:
+        tracker.log_text(parent, yaml.safe_dump(config.to_dict(), sort_keys=False), "resolved_config.yaml")
+    log.info("run %s: %s (MLflow run %s)", run_id, "resuming" if resumed else "starting", parent)
+
+    tasks = config.data.tasks
+    baseline = _evaluation_row(config, registry, run_id, 0) if config.eval.baseline else None
+    matrix: list[list[float]] = []
+    versions: list[int] = []
+    trained: list[str] = []
+    try:
+        for index, task in enumerate(tasks):
+            child, finished = tracker.task_run(index, task)
+            version = _find_version(registry, run_id, index + 1)
+            if version is None:
+                trained.append(task)
+                version = _train(config, run_id, index, model_ref, child)
+            row = _evaluation_row(config, registry, run_id, version.version)
+            matrix.append(row)
+            versions.append(version.version)
+            if not finished:
+                _log_task(tracker, child, config, registry, run_id, version, row)
+            _log_matrix(tracker, parent, tasks, matrix, baseline)
+            if stop_after is not None and index + 1 >= stop_after:
+                break
+    except BaseException:
+        tracker.finish(parent, status="FAILED")
+        raise
+    summary = _summary(matrix, baseline) if len(matrix) == len(tasks) else {}
+    if summary:
+        tracker.log_metrics(parent, summary)
+        tracker.set_tags(parent, {"moram.version": str(versions[-1])})
+    tracker.finish(parent, status="FINISHED" if len(matrix) == len(tasks) else "KILLED")
+    return SequenceResult(run_id, tasks, matrix, baseline, summary, versions, registry.uri, parent,
+                          tracker.ui_url(parent), trained)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str):
+    from .ray_train import fit_task
+
+    registry = Registry(config.registry_uri())
+    parent = index if index > 0 else None
+    started = time.perf_counter()
+    fit_task(config, run_id, index, parent, model_ref, child)
+    version = _find_version(registry, run_id, index + 1)
+    if version is None:
+        raise RegistryError(f"run {run_id}: task {config.data.tasks[index]} finished training "
+                            f"but version {index + 1} was not committed")
+    log.info("task %s trained and committed as version %d in %.1fs", version.task, version.version,
+             time.perf_counter() - started)
+    return version
+
+
+def _evaluation_row(config: JobConfig, registry: Registry, run_id: str, version: int) -> list[float]:
+    """Scores of ``version`` on every task of the order; computed once, recorded in the registry."""
+    profile = config.eval.profile
+    record = read_evaluation(registry, run_id, version, profile)
+    if record is None:
+        scores = _evaluate_remote(config, run_id, version)
+        record = record_evaluation(registry, run_id, version, profile, scores)
+    return [float(record["scores"][task]["score"]) for task in config.data.tasks]
+
+
+def _evaluate_remote(config: JobConfig, run_id: str, version: int) -> dict[str, Any]:
+    import ray
+
+    from .evaluation import evaluate_version_task
+
+    scaling = config.scaling
+    options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0}
+    remote = ray.remote(evaluate_version_task).options(**options, max_retries=2)
+    return ray.get(remote.remote(config.to_dict(), config.registry_uri(), run_id, version or None,
+                                 config.data.tasks))
+
+
+def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registry, run_id: str, version, row):
+    tasks = config.data.tasks
+    metrics = {k: v for k, v in version.metrics.items() if isinstance(v, (int, float))}
+    index = version.task_index
+    metrics["task_score"] = row[index]
+    metrics.update({f"eval/{task}": score for task, score in zip(tasks, row)})
+    tracker.log_metrics(child, metrics)
+    tracker.set_tags(child, {"moram.version": str(version.version), "moram.registry": registry.uri})
+    with tempfile.TemporaryDirectory() as folder:
+        from moram import read_shard
+
+        shard_bytes = registry.read_shards(run_id, version.version)[-1]
+        shard_path = Path(folder) / f"{index:02d}-{version.task}.safetensors"
+        shard_path.write_bytes(shard_bytes)
+        tracker.log_file(child, shard_path, "shard")
+        shard = read_shard(shard_bytes, name=shard_path.name)
+        mass = {name: shard.layer(name)["routing_mass"].numpy() for name in shard.layer_names}
+        heatmap = activation_heatmap(mass, Path(folder) / "atom_activation.png",
+                                     title=f"atom activation during {version.task} (version {version.version})")
+        tracker.log_file(child, heatmap, "plots")
+    tracker.finish(child)
+
+
+def _log_matrix(tracker: Tracker, parent: str, tasks: list[str], matrix, baseline) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = Path(folder) / "accuracy_matrix.csv"
+        csv_path.write_text(matrix_csv(matrix, tasks))
+        tracker.log_file(parent, csv_path)
+        tracker.log_file(parent, accuracy_heatmap(matrix, tasks, Path(folder) / "accuracy_matrix.png"))
+        if baseline is not None:
+            tracker.log_text(parent, matrix_csv([baseline], tasks, row_names=["zero-shot"]), "zero_shot_row.csv")
+
+
+def _summary(matrix: list[list[float]], baseline: list[float] | None) -> dict[str, float]:
+    return summarize(matrix, baseline=baseline) if baseline is not None else summarize(matrix)
+
+
+def _find_version(registry: Registry, run_id: str, number: int):
+    from .registry import VersionNotFoundError
+
+    try:
+        return registry.version(run_id, number)
+    except VersionNotFoundError:
+        return None
+
+
+def _check_resumable(registry: Registry, run_id: str, config: JobConfig) -> None:
+    """A rerun with the same run id must describe the same sequence; otherwise say so."""
+    latest = registry.latest(run_id)
+    if latest is None:
+        return
+    committed = [shard.task for shard in latest.shards]
+    if committed != config.data.tasks[: len(committed)]:
+        raise ConfigError(f"run.name: run {run_id} already committed tasks {committed}, which is not a prefix "
+                          f"of data.tasks {config.data.tasks}; use a new run name")
+    if latest.config != config.moram_config.to_dict():
+        raise ConfigError(f"moram: run {run_id} was trained with {latest.config}; this config differs "
+                          f"({config.moram_config.to_dict()}); use a new run name")

@@ -1,0 +1,82 @@
+"""A throwaway MLflow tracking server on loopback: sqlite backend, artifacts wherever asked.
+
+    with MlflowServer(tmp_dir, artifacts="s3://bucket/mlflow") as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+
+Artifacts go through the server (``--artifacts-destination``, proxied): clients need no
+storage credentials of their own. For S3 the server reads the standard AWS variables and
+MLFLOW_S3_ENDPOINT_URL from its environment.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .seaweed import free_ports
+
+
+class MlflowServer:
+    def __init__(self, workdir: str | os.PathLike, artifacts: str | None = None, startup_timeout: float = 90.0):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.artifacts = artifacts or str(self.workdir / "artifacts")
+        self.port = free_ports(1)[0]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> "MlflowServer":
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                       "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+                   "--artifacts-destination", self.artifacts, "--serve-artifacts"]
+        self.log = open(self.workdir / "server.log", "ab")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment,
+                                        start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"mlflow server not ready after {self.startup_timeout}s:\n{self._log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+        self.log.close()
+
+    def _log_tail(self, lines: int = 30) -> str:
+        path = self.workdir / "server.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

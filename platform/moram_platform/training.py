@@ -1,0 +1,281 @@
+"""One task of a continual-learning sequence, as a plain function.
+
+``train_task`` runs in one process (a laptop, a lone GPU box) or as one of the data-parallel
+workers Ray Train starts (``moram_platform.ray_train``); nothing in it imports Ray. It:
+loads the base model and the parent version's shards, adds the task's fresh atoms, trains them
+with the configured engine, sums the activation statistics over workers, prunes and freezes,
+and returns the task's shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moram import MoRAMModel, TaskReport, get_moram_model
+
+from .benchmark import Benchmark, batches
+from .config import JobConfig
+from .engine import build_engine
+
+log = logging.getLogger(__name__)
+
+ATOMS_FILE, STATE_FILE = "atoms.safetensors", "state.json"
+
+
+@dataclass
+class World:
+    """This process's place in the data-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Progress:
+    """Where training stands inside a task; saved with every checkpoint."""
+
+    epoch: int = 0
+    micro_batch: int = 0          # micro-batches of this epoch already done by this worker
+    step: int = 0                 # optimizer steps done in this task
+    samples: int = 0              # training examples seen by all workers together
+    losses: list[float] = field(default_factory=list)   # mean loss per optimizer step
+
+
+@dataclass
+class TaskResult:
+    task: str
+    task_index: int
+    shard: bytes
+    report: TaskReport
+    progress: Progress
+    wall_s: float
+
+    def metrics(self) -> dict[str, float]:
+        p = self.progress
+        return {
+            "train_loss": p.losses[-1] if p.losses else float("nan"),
+            "train_steps": p.step,
+            "train_samples": p.samples,
+            "train_wall_s": round(self.wall_s, 3),
+            "train_samples_per_s": round(p.samples / self.wall_s, 3) if self.wall_s > 0 else 0.0,
+            "atoms_added": self.report.atoms_added,
+            "atoms_kept": self.report.atoms_kept,
+            "atoms_pruned": self.report.atoms_dropped,
+        }
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_moram_model(config: JobConfig, benchmark: Benchmark, shards: list[bytes], device: torch.device):
+    """Base model + the shards of a version: the model that version stands for."""
+    base, processor = benchmark.load_model(config)
+    model = get_moram_model(base, config.moram_config)
+    model.load_shards(shards)
+    return model.to(device), processor
+
+
+# -- the task ------------------------------------------------------------------------------------
+def train_task(
+    config: JobConfig,
+    benchmark: Benchmark,
+    task_index: int,
+    parent_shards: list[bytes],
+    world: World | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    on_checkpoint: Callable[[Progress, Callable[[Path], None]], None] | None = None,
+    progress_bar: bool = True,
+) -> TaskResult:
+    """Train task ``task_index`` of ``config.data.tasks`` on top of ``parent_shards``.
+
+    ``checkpoint_dir`` resumes a task from a checkpoint written by ``save_checkpoint``;
+    ``on_checkpoint(progress, save)`` is called every ``train.checkpoint_every_steps`` steps
+    with a function that writes this worker's part of a checkpoint into a folder.
+    """
+    world = world or World()
+    task = config.data.tasks[task_index]
+    seed_everything(config.run.seed + task_index)
+    started = time.perf_counter()
+
+    model, processor = build_moram_model(config, benchmark, parent_shards, world.device)
+    model.begin_task(task)
+    model.to(world.device)  # the fresh atoms join the model's device
+    if world.size == 1 and config.train.engine == "deepspeed":
+        _single_process_group(world.device)
+    engine = build_engine(model, benchmark.loss, config.train, world.size)
+    progress = Progress()
+    if checkpoint_dir is not None:
+        progress = load_checkpoint(Path(checkpoint_dir), model, engine, world)
+        log.info("task %s resumes at step %d (epoch %d)", task, progress.step, progress.epoch)
+
+    examples = benchmark.train_examples(config, task)
+    epochs = config.epochs_for(task_index)
+    model.train()
+    bar = _progress_bar(progress_bar and world.is_chief, config, len(examples), epochs, world, task)
+    done = False
+    step_losses: list[float] = []
+    while progress.epoch < epochs and not done:
+        micro_batches = list(batches(shard_for_worker(examples, config, task_index, progress.epoch, world),
+                                     config.train.micro_batch_size))
+        for index in range(progress.micro_batch, len(micro_batches)):
+            batch = _to_device(benchmark.collate(config, processor, task, micro_batches[index]), world.device)
+            loss = engine.loss(batch)
+            engine.backward(loss)
+            step_losses.append(float(loss.detach()))
+            progress.micro_batch = index + 1
+            progress.samples += len(micro_batches[index]) * world.size
+            if not engine.step():
+                continue
+            progress.step += 1
+            progress.losses.append(_mean_over_workers(step_losses, world))
+            step_losses = []
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(progress)
+            if on_checkpoint is not None and progress.step % config.train.checkpoint_every_steps == 0:
+                on_checkpoint(progress, lambda folder: save_checkpoint(folder, model, engine, progress, world))
+            if config.train.max_steps is not None and progress.step >= config.train.max_steps:
+                done = True
+                break
+        else:
+            progress.epoch += 1
+            progress.micro_batch = 0
+    if bar is not None:
+        bar.close()
+
+    sum_activation_stats(model, world)
+    report = model.end_task()
+    shard = model.export_shard()
+    return TaskResult(task, task_index, shard, report, progress, time.perf_counter() - started)
+
+
+def shard_for_worker(examples: list, config: JobConfig, task_index: int, epoch: int, world: World) -> list:
+    """This worker's examples for an epoch: one seeded shuffle shared by all workers, dealt out
+    round-robin and cut to equal length so every worker takes the same number of steps."""
+    order = list(range(len(examples)))
+    random.Random(config.run.seed * 1_000_003 + task_index * 1009 + epoch).shuffle(order)
+    per_worker = len(order) // world.size
+    mine = order[world.rank::world.size][:per_worker]
+    return [examples[i] for i in mine]
+
+
+def steps_per_task(config: JobConfig, task_index: int, num_examples: int) -> int:
+    """Optimizer steps the task will take (for progress bars and sweeps)."""
+    workers = config.scaling.num_workers
+    micro = -(-(num_examples // workers) // config.train.micro_batch_size)
+    accumulate = config.train.global_batch_size // (config.train.micro_batch_size * workers)
+    steps = (micro * config.epochs_for(task_index)) // accumulate
+    return min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+
+# -- statistics over workers ---------------------------------------------------------------------
+def sum_activation_stats(model: MoRAMModel, world: World) -> None:
+    """Each worker saw its own tokens; pruning must see all of them, identically on every worker."""
+    if world.size == 1 or not torch.distributed.is_initialized():
+        return
+    for layer in model.moram_layers.values():
+        size = torch.tensor([layer.activation_mass.numel()], device=world.device)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+        mass = torch.zeros(int(size.item()), device=world.device)
+        mass[: layer.activation_mass.numel()] = layer.activation_mass.to(world.device)
+        tokens = torch.tensor([float(layer.tokens_seen)], device=world.device)
+        torch.distributed.all_reduce(mass)
+        torch.distributed.all_reduce(tokens)
+        layer.activation_mass, layer.tokens_seen = mass.cpu(), int(tokens.item())
+
+
+def _mean_over_workers(losses: list[float], world: World) -> float:
+    value = torch.tensor([sum(losses) / max(len(losses), 1)], device=world.device)
+    if world.size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+        value /= world.size
+    return float(value.item())
+
+
+# -- checkpoints inside a task (worker failures) -------------------------------------------------
+def save_checkpoint(folder: Path, model: MoRAMModel, engine, progress: Progress, world: World) -> None:
+    """This worker's part of a checkpoint: the chief writes the atoms (safetensors) and the
+    progress (JSON); every worker writes its own optimizer state (tensors only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if world.is_chief:
+        tensors = {}
+        for name, layer in model.moram_layers.items():
+            tensors[f"{name}.A"] = layer.A.detach().float().cpu().contiguous()
+            tensors[f"{name}.B"] = layer.B.detach().float().cpu().contiguous()
+            if layer.router is not None:
+                tensors[f"{name}.router"] = layer.router.detach().float().cpu().contiguous()
+            tensors[f"{name}.activation_mass"] = layer.activation_mass.contiguous()
+        save_file(tensors, str(folder / ATOMS_FILE))
+        (folder / STATE_FILE).write_text(json.dumps({**progress.__dict__, "world_size": world.size}))
+    torch.save(engine.optimizer_state(), folder / f"optimizer-rank{world.rank}.pt")
+
+
+@torch.no_grad()
+def load_checkpoint(folder: Path, model: MoRAMModel, engine, world: World) -> Progress:
+    state = json.loads((folder / STATE_FILE).read_text())
+    tensors = load_file(str(folder / ATOMS_FILE))
+    for name, layer in model.moram_layers.items():
+        layer.A.copy_(tensors[f"{name}.A"])
+        layer.B.copy_(tensors[f"{name}.B"])
+        if layer.router is not None:
+            layer.router.copy_(tensors[f"{name}.router"])
+        layer.activation_mass = tensors[f"{name}.activation_mass"].clone() if world.is_chief else torch.zeros(0)
+        layer.current_trained = True
+    optimizer_file = folder / f"optimizer-rank{world.rank}.pt"
+    if state.pop("world_size") == world.size and optimizer_file.is_file():
+        try:
+            engine.load_optimizer_state(torch.load(optimizer_file, weights_only=True, map_location=world.device))
+        except Exception as error:  # an optimizer layout we cannot restore: moments restart
+            log.warning("optimizer state not restored (%s); continuing with fresh moments", error)
+    return Progress(**state)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _single_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group even alone: a one-process group on a free local port."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def _progress_bar(enabled: bool, config: JobConfig, num_examples: int, epochs: int, world: World, task: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = steps_per_task(config, config.data.tasks.index(task), num_examples)
+    return tqdm(total=total, desc=f"train {task}", unit="step", dynamic_ncols=True)
+
+
+def jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}
