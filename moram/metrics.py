@@ -1,0 +1,178 @@
+"""Continual-learning metrics from an accuracy matrix.
+
+``R[i][j]`` is the score (0-100) on task ``j`` after training task ``i``, for ``T`` tasks in
+training order; ``R`` is square, ``T x T``. Formulas below use 1-indexed tasks like the papers;
+the code is 0-indexed. Pure Python: no torch, no numpy needed (numpy rows are accepted).
+
+Backward transfer exists in two sign conventions. ``backward_transfer`` is the standard,
+signed one (negative = forgetting). ``reference_forgetting`` is the reference MoRAM repo's
+variant, reported as a non-negative magnitude and named so that it is never mistaken for BWT.
+
+Where a metric has no term to average (``T = 1`` for BWT, FWT and X-TAIL Transfer), it is
+defined as 0.0: nothing earlier can be forgotten or transferred.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+Matrix = Sequence[Sequence[float]]
+
+__all__ = [
+    "average_performance",
+    "backward_transfer",
+    "forward_transfer",
+    "reference_forgetting",
+    "summarize",
+    "validate_matrix",
+    "xtail_average",
+    "xtail_last",
+    "xtail_transfer",
+]
+
+
+def _check_score(value, where: str) -> float:
+    # bool is an int subclass; True as a score is always a bug upstream.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: expected a number in [0, 100], got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value}")
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"{where}: value {value} is outside [0, 100]")
+    return value
+
+
+def _is_row(obj) -> bool:
+    is_sequence = isinstance(obj, Sequence) and not isinstance(obj, (str, bytes))
+    return is_sequence or hasattr(obj, "tolist")
+
+
+def validate_matrix(R: Matrix) -> list[list[float]]:
+    """Check that ``R`` is a square ``T x T`` matrix (T >= 1) of finite scores in [0, 100].
+
+    Returns the matrix as a list of lists of floats. Raises ``ValueError`` naming the
+    offending row/column.
+    """
+    if hasattr(R, "tolist"):  # numpy array
+        R = R.tolist()
+    if not _is_row(R):
+        raise ValueError(f"R: expected a list of rows, got {type(R).__name__}")
+    T = len(R)
+    if T == 0:
+        raise ValueError("R: needs at least one row (T >= 1)")
+    rows = []
+    for i, row in enumerate(R):
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if not _is_row(row):
+            raise ValueError(f"R row {i}: expected a list of {T} scores, got {type(row).__name__}")
+        if len(row) != T:
+            raise ValueError(f"R row {i}: has {len(row)} entries, but R must be square ({T} x {T})")
+        rows.append([_check_score(v, f"R row {i}, column {j}") for j, v in enumerate(row)])
+    return rows
+
+
+def _validate_baseline(baseline: Sequence[float], T: int) -> list[float]:
+    if hasattr(baseline, "tolist"):
+        baseline = baseline.tolist()
+    if not _is_row(baseline):
+        raise ValueError(f"baseline: expected a list of {T} scores, got {type(baseline).__name__}")
+    if len(baseline) != T:
+        raise ValueError(f"baseline: has {len(baseline)} entries, expected one per task ({T})")
+    return [_check_score(v, f"baseline column {j}") for j, v in enumerate(baseline)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def average_performance(R: Matrix) -> float:
+    """OP = (1/T) Σ_j R[T][j]: mean score over all tasks after training the last one."""
+    R = validate_matrix(R)
+    return _mean(R[-1])
+
+
+def backward_transfer(R: Matrix) -> float:
+    """BWT (signed, standard) = 1/(T-1) Σ_{j<T} (R[T][j] - R[j][j]).
+
+    Negative means forgetting; forgetting is its negation. ``T = 1`` gives 0.0.
+    """
+    R = validate_matrix(R)
+    T = len(R)
+    if T == 1:
+        return 0.0
+    return _mean([R[-1][j] - R[j][j] for j in range(T - 1)])
+
+
+def reference_forgetting(R: Matrix) -> float:
+    """The reference MoRAM repo's forgetting, as a non-negative magnitude.
+
+    ``-(1/T) Σ_j min(R[T][j] - R[j][j], 0)`` over all ``T`` tasks (the last term is always 0).
+    Unlike BWT it ignores gains (positive backward transfer) and divides by ``T``, not ``T-1``.
+    """
+    R = validate_matrix(R)
+    # max(R[j][j] - R[T][j], 0) == -min(R[T][j] - R[j][j], 0), without producing -0.0.
+    return _mean([max(R[j][j] - R[-1][j], 0.0) for j in range(len(R))])
+
+
+def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float:
+    """FWT = 1/(T-1) Σ_{j>=2} (R[j-1][j] - b_j).
+
+    ``baseline`` (b) holds each task's zero-shot score, i.e. of the initial model before any
+    continual training. ``T = 1`` gives 0.0.
+    """
+    R = validate_matrix(R)
+    b = _validate_baseline(baseline, len(R))
+    T = len(R)
+    if T == 1:
+        return 0.0
+    return _mean([R[j - 1][j] - b[j] for j in range(1, T)])
+
+
+def xtail_transfer(R: Matrix) -> float:
+    """X-TAIL Transfer = mean over columns j > 1 of mean_{i<j} R[i][j].
+
+    The scores on each task before it was trained (the strict upper triangle), averaged per
+    task first. A score of 0.0 is a real score and counts. ``T = 1`` gives 0.0.
+    """
+    R = validate_matrix(R)
+    T = len(R)
+    if T == 1:
+        return 0.0
+    return _mean([_mean([R[i][j] for i in range(j)]) for j in range(1, T)])
+
+
+def xtail_average(R: Matrix) -> float:
+    """X-TAIL Average = mean of all T*T entries of R (0.0 entries count)."""
+    R = validate_matrix(R)
+    return _mean([v for row in R for v in row])
+
+
+def xtail_last(R: Matrix) -> float:
+    """X-TAIL Last = mean of the final row of R (the same number as OP)."""
+    R = validate_matrix(R)
+    return _mean(R[-1])
+
+
+def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, float]:
+    """All metrics of ``R`` in one dict, under names that say which variant each is.
+
+    Keys: ``T``, ``OP``, ``BWT`` (signed, standard), ``reference_forgetting_magnitude``,
+    ``xtail_transfer``, ``xtail_average``, ``xtail_last``, and ``FWT`` when ``baseline``
+    is given.
+    """
+    R = validate_matrix(R)
+    summary = {
+        "T": len(R),
+        "OP": average_performance(R),
+        "BWT": backward_transfer(R),
+        "reference_forgetting_magnitude": reference_forgetting(R),
+        "xtail_transfer": xtail_transfer(R),
+        "xtail_average": xtail_average(R),
+        "xtail_last": xtail_last(R),
+    }
+    if baseline is not None:
+        summary["FWT"] = forward_transfer(R, baseline)
+    return summary
