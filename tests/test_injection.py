@@ -5,7 +5,7 @@ from torch import nn
 
 from moram import MoRAMConfig, MoRAMConfigError, get_moram_model
 from moram.attention import SplitMultiheadAttention
-from fixtures.models import tiny_gpt2, tiny_llama
+from fixtures.models import tiny_gemma3, tiny_gpt2, tiny_llama
 
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
 
@@ -21,6 +21,7 @@ def tiny_clip():
 
 @pytest.mark.parametrize("build, targets", [
     (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    (tiny_gemma3, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     (tiny_gpt2, ["c_attn", "c_proj"]),
 ])
 def test_causal_lm_outputs_unchanged_by_injection(build, targets):
