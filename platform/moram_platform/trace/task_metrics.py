@@ -1,0 +1,303 @@
+"""TRACE task metrics, each on a 0-100 scale.
+
+- accuracy: C-STANCE, FOMC, ScienceQA, NumGLUE-cm, NumGLUE-ds (and the standard-CL
+  classification tasks), after a named answer-extraction strategy is applied to both the
+  prediction and the reference;
+- ROUGE-L F1 (MeetingBank), from the maintained ``rouge-score`` package;
+- edit similarity (Py150): TRACE's ``fuzz.ratio`` on code with literal placeholders restored,
+  via ``rapidfuzz.fuzz.ratio`` (the maintained equivalent; unrounded, where fuzzywuzzy
+  returns an int);
+- SARI (20Minuten): Xu et al. 2016, as the HF ``evaluate`` metric that TRACE calls
+  (tensor2tensor variant: 0/0 = 1, fixed keep recall; lowercase + sacreBLEU 13a tokens).
+
+As in TRACE, an empty prediction scores 0 and still counts in the mean.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+
+from .data import STANDARD_CL_TASKS, TRACE_ORDER
+
+__all__ = [
+    "ANSWER_EXTRACTORS", "EXTRACTION_MODES", "TASK_METRIC", "accuracy", "answer_extractor", "edit_similarity",
+    "extract_choice_letter", "extract_cstance_choice", "extract_exact", "extract_first_char",
+    "extract_first_line", "extract_fomc_choice", "extract_number", "restore_py150_literals", "rouge_l",
+    "sari", "score_task", "tokenize_13a",
+]
+
+TASK_METRIC = {
+    "C-STANCE": "accuracy",
+    "FOMC": "accuracy",
+    "MeetingBank": "rouge_l",
+    "Py150": "edit_similarity",
+    "ScienceQA": "accuracy",
+    "NumGLUE-cm": "accuracy",
+    "NumGLUE-ds": "accuracy",
+    "20Minuten": "sari",
+    **{task: "accuracy" for task in STANDARD_CL_TASKS},
+}
+assert set(TRACE_ORDER) <= set(TASK_METRIC)
+
+
+# -- answer extraction -----------------------------------------------------------------------
+def extract_exact(text: str) -> str:
+    """The whole text, surrounding whitespace removed (TRACE compares whole strings)."""
+    return text.strip()
+
+
+def extract_first_char(text: str) -> str:
+    """The first character: TRACE's ScienceQA reading of "B\\n<reasoning>" answers."""
+    return text.strip()[:1]
+
+
+_TRAILING_PUNCT = ".。!！?？,，;；:："
+
+
+def extract_first_line(text: str) -> str:
+    """The first non-empty line, case-folded, without trailing punctuation ("World." = "world")."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip().rstrip(_TRAILING_PUNCT).strip().casefold()
+    return ""
+
+
+# A choice letter that opens the answer: "B", "B.", "(B)", "A.支持", "B\n<reasoning>", but not
+# the English article of "A clause is ..." (letter, whitespace, lower-case word).
+_LETTER_AT_START = re.compile(r"^\(?([A-E])(?![A-Za-z])(?!\s+[a-z])")
+_LETTER_AFTER_CUE = re.compile(r"(?:answer|stance|choice|option|答案|态度|选择)\s*(?:is|:|：|为|是)?\s*\(?([A-E])(?![A-Za-z])",
+                               re.IGNORECASE)
+
+
+def _choice_letter(text: str) -> str:
+    text = text.strip()
+    match = _LETTER_AT_START.match(text) or _LETTER_AFTER_CUE.search(text)
+    return match.group(1) if match else ""
+
+
+def _first_option_word(text: str, words: Mapping[str, str]) -> str:
+    found = [(text.casefold().find(word), letter) for word, letter in words.items()]
+    found = [(pos, letter) for pos, letter in found if pos >= 0]
+    return min(found)[1] if found else ""
+
+
+def extract_choice_letter(text: str) -> str:
+    """Lenient: the choice letter A-E that opens the text, or follows "Answer:"-like cues."""
+    return _choice_letter(text)
+
+
+_FOMC_OPTIONS = {"dovish": "A", "hawkish": "B", "neutral": "C"}
+_CSTANCE_OPTIONS = {"支持": "A", "反对": "B", "中立": "C"}
+
+
+def extract_fomc_choice(text: str) -> str:
+    """Lenient FOMC: a choice letter, else the first stance word (dovish/hawkish/neutral)."""
+    return _choice_letter(text) or _first_option_word(text, _FOMC_OPTIONS)
+
+
+def extract_cstance_choice(text: str) -> str:
+    """Lenient C-STANCE: a choice letter, else the first stance word (支持/反对/中立)."""
+    return _choice_letter(text) or _first_option_word(text, _CSTANCE_OPTIONS)
+
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+
+
+def extract_number(text: str) -> str:
+    """Lenient numbers: the first number, canonical ("6.0" = "6", "1,000" = "1000",
+    "1.4300000000000002" = "1.43": 6 decimals); text without a number falls back to
+    ``extract_first_line`` (NumGLUE-cm also has answers like "August")."""
+    match = _NUMBER.search(text)
+    if not match:
+        return extract_first_line(text)
+    canonical = f"{round(float(match.group().replace(',', '')), 6):.6f}".rstrip("0").rstrip(".")
+    return "0" if canonical == "-0" else canonical
+
+
+ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "exact": extract_exact,
+    "first_char": extract_first_char,
+    "first_line": extract_first_line,
+    "choice_letter": extract_choice_letter,
+    "fomc_choice": extract_fomc_choice,
+    "cstance_choice": extract_cstance_choice,
+    "number": extract_number,
+}
+
+# Per mode: {task: strategy}, and "*" for every other accuracy task.
+EXTRACTION_MODES: dict[str, dict[str, str]] = {
+    # TRACE's original: whole-string exact match; ScienceQA answers are read by first character.
+    "exact": {"ScienceQA": "first_char", "*": "exact"},
+    # The reference MoRAM repo's leniency: the answer is found inside a chattier generation.
+    "lenient": {
+        "C-STANCE": "cstance_choice",
+        "FOMC": "fomc_choice",
+        "ScienceQA": "choice_letter",
+        "NumGLUE-cm": "number",
+        "NumGLUE-ds": "number",
+        "COPA": "choice_letter",
+        "*": "first_line",
+    },
+}
+
+
+def answer_extractor(task: str, mode: str) -> str:
+    """The strategy name that ``mode`` ("exact" or "lenient") uses for ``task``."""
+    if mode not in EXTRACTION_MODES:
+        raise ValueError(f"extraction: unknown mode {mode!r}; choose one of {', '.join(EXTRACTION_MODES)}")
+    strategies = EXTRACTION_MODES[mode]
+    return strategies.get(task, strategies["*"])
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _check_lengths(predictions: Sequence[str], references: Sequence, *others: Sequence) -> None:
+    if not predictions:
+        raise ValueError("nothing to score: no predictions")
+    lengths = {len(predictions), len(references), *(len(o) for o in others)}
+    if len(lengths) != 1:
+        raise ValueError(f"predictions ({len(predictions)}), references ({len(references)})"
+                         + "".join(f", sources ({len(o)})" for o in others) + " differ in length")
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str],
+             extract: str | Callable[[str], str] = "exact") -> float:
+    """Percentage of predictions whose extracted answer equals the reference's (non-empty)."""
+    _check_lengths(predictions, references)
+    if isinstance(extract, str):
+        if extract not in ANSWER_EXTRACTORS:
+            raise ValueError(f"extract: unknown strategy {extract!r}; choose one of {', '.join(ANSWER_EXTRACTORS)}")
+        extract = ANSWER_EXTRACTORS[extract]
+    hits = 0
+    for prediction, reference in zip(predictions, references):
+        answer = extract(prediction)
+        hits += bool(answer) and answer == extract(reference)
+    return 100.0 * hits / len(predictions)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (``rouge-score``, no stemming) x 100."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    total = sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+    return 100.0 * total / len(predictions)
+
+
+_BARE_LITERALS = {"<NUM_LIT>": "0", "<STR_LIT>": "", "<CHAR_LIT>": ""}
+_VALUED_LITERAL = re.compile(r"<(?:STR|NUM|CHAR)_LIT:(.*?)>", re.S)
+
+
+def restore_py150_literals(code: str) -> str:
+    """Py150 placeholders back to code, as TRACE: <NUM_LIT> -> 0, <STR_LIT>/<CHAR_LIT> -> "",
+    <NUM_LIT:200> -> 200 (any <KIND_LIT:value> -> value)."""
+    for placeholder, value in _BARE_LITERALS.items():
+        code = code.replace(placeholder, value)
+    return _VALUED_LITERAL.sub(lambda m: m.group(1), code)
+
+
+def edit_similarity(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ``fuzz.ratio`` (0-100): 100 * (1 - indel distance / (len(a) + len(b)))."""
+    from rapidfuzz import fuzz
+
+    _check_lengths(predictions, references)
+    total = sum(fuzz.ratio(pred, ref) if pred and ref else 0.0 for pred, ref in zip(predictions, references))
+    return total / len(predictions)
+
+
+# sacreBLEU's 13a tokenizer (mteval-v13a), which HF's SARI applies after lower-casing.
+_13A_RULES = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period/comma unless preceded by a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period/comma unless followed by a digit
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
+]
+
+
+def tokenize_13a(line: str) -> str:
+    """sacreBLEU's ``13a`` tokenization: space-separated tokens."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        for escaped, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+            line = line.replace(escaped, char)
+    line = f" {line} "
+    for pattern, replacement in _13A_RULES:
+        line = pattern.sub(replacement, line)
+    return " ".join(line.split())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[str]:
+    return [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _sari_ngram(source: list[str], candidate: list[str], references: list[list[str]]) -> tuple[float, float, float]:
+    """(keep F1, deletion precision, addition F1) for one n-gram order; 0/0 counts as 1."""
+    n_refs = len(references)
+    src = Counter({g: c * n_refs for g, c in Counter(source).items()})
+    cand = Counter({g: c * n_refs for g, c in Counter(candidate).items()})
+    ref = Counter(g for grams in references for g in grams)
+
+    kept, kept_good, kept_all = src & cand, src & cand & ref, src & ref
+    keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
+    keep_r = sum(kept_good.values()) / sum(kept_all.values()) if kept_all else 1.0
+
+    deleted = src - cand
+    deleted_good = deleted - ref
+    delete_p = sum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 1.0
+
+    added = set(cand) - set(src)
+    added_good, added_all = added & set(ref), set(ref) - set(src)
+    add_p = len(added_good) / len(added) if added else 1.0
+    add_r = len(added_good) / len(added_all) if added_all else 1.0
+    return _f1(keep_p, keep_r), delete_p, _f1(add_p, add_r)
+
+
+def _sari_sentence(source: str, prediction: str, references: Sequence[str]) -> float:
+    src, cand = source.split(" "), prediction.split(" ")
+    refs = [r.split(" ") for r in references]
+    scores = [_sari_ngram(_ngrams(src, n), _ngrams(cand, n), [_ngrams(r, n) for r in refs]) for n in range(1, 5)]
+    keep, delete, add = (sum(s[i] for s in scores) / 4 for i in range(3))
+    return (keep + delete + add) / 3
+
+
+def _normalize_for_sari(text: str) -> str:
+    return tokenize_13a(text.lower())
+
+
+def sari(sources: Sequence[str], predictions: Sequence[str],
+         references: Sequence[str] | Sequence[Sequence[str]]) -> float:
+    """Mean sentence SARI x 100. ``references``: one string per example, or a list of them."""
+    _check_lengths(predictions, references, sources)
+    total = 0.0
+    for source, prediction, refs in zip(sources, predictions, references):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        total += _sari_sentence(_normalize_for_sari(source), _normalize_for_sari(prediction),
+                                [_normalize_for_sari(r) for r in refs])
+    return 100.0 * total / len(predictions)
+
+
+def score_task(task: str, predictions: Sequence[str], references: Sequence[str], *,
+               sources: Sequence[str] | None = None, extraction: str = "exact") -> float:
+    """``task``'s TRACE metric (``TASK_METRIC``), 0-100.
+
+    ``extraction`` is the answer-extraction mode for accuracy tasks ("exact" or "lenient");
+    ``sources`` (the prompts) are needed for SARI.
+    """
+    if task not in TASK_METRIC:
+        raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(TASK_METRIC)}")
+    metric = TASK_METRIC[task]
+    if metric == "accuracy":
+        return accuracy(predictions, references, answer_extractor(task, extraction))
+    if metric == "rouge_l":
+        return rouge_l(predictions, references)
+    if metric == "edit_similarity":
+        return edit_similarity([restore_py150_literals(p) for p in predictions],
+                               [restore_py150_literals(r) for r in references])
+    if sources is None:
+        raise ValueError(f"{task}: SARI needs the sources (the prompts)")
+    return sari(sources, predictions, references)
