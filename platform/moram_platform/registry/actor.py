@@ -62,6 +62,9 @@ class RegistryActor:
         return self._registry.verify(self._run_id, version)
 
 
+_RemoteRegistryActor = ray.remote(RegistryActor)
+
+
 def get_registry_actor(uri: str, run_id: str, *, namespace: str = NAMESPACE, max_restarts: int = -1,
                        max_task_retries: int = 3):
     """The run's registry actor: created on first use, the existing one afterwards (from any
@@ -71,7 +74,7 @@ def get_registry_actor(uri: str, run_id: str, *, namespace: str = NAMESPACE, max
     Raises RegistryError if an actor for this run already serves a different registry URI.
     """
     uri = open_storage(uri).uri  # canonical form; checks the URI before anything starts
-    remote = ray.remote(RegistryActor).options(
+    remote = _RemoteRegistryActor.options(
         name=actor_name(run_id), namespace=namespace, lifetime="detached", get_if_exists=True,
         max_restarts=max_restarts, max_task_retries=max_task_retries,
         max_concurrency=4,  # reads need not queue behind a commit; storage arbitrates commits

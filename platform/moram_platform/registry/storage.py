@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 from urllib.parse import unquote, urlparse
 
+import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InvalidURIError, ObjectNotFoundError, StorageError
@@ -45,7 +47,7 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool:
-        ...
+        """Whether the object exists."""
 
     @abstractmethod
     def children(self, prefix: str) -> list[str]:
@@ -56,6 +58,7 @@ class Storage(ABC):
         """Remove the object if it exists."""
 
     def where(self, key: str) -> str:
+        """The key's full location, for messages."""
         return f"{self.uri.rstrip('/')}/{key}"
 
 
@@ -182,10 +185,7 @@ class S3Storage(Storage):
 
     _CONDITIONAL_CONFLICT_RETRIES = 5
 
-    def __init__(self, bucket: str, prefix: str = "", session=None):
-        import boto3
-        from botocore.config import Config
-
+    def __init__(self, bucket: str, prefix: str = "", session: boto3.session.Session | None = None):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._session = session if session is not None else boto3.session.Session()

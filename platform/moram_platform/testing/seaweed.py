@@ -10,6 +10,7 @@ port (HTTP and gRPC of each component) is picked free, so several servers can ru
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -76,6 +77,7 @@ class SeaweedServer:
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)  # never outlive the process that started it, even on an error
         self._wait_ready()
         return self
 
@@ -85,6 +87,7 @@ class SeaweedServer:
             self._process.send_signal(signal.SIGKILL)
             self._process.wait(timeout=30)
         self._process = None
+        atexit.unregister(self.stop)
 
     @property
     def running(self) -> bool:
