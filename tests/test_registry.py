@@ -389,6 +389,7 @@ def test_commit_survives_the_s3_server_stopping_mid_commit(restartable_s3, phase
         registry.commit(RUN, shard, base_model=BASE)
     registry.storage.client.meta.events.unregister("provide-client-params.s3.PutObject", stop_server)
     expected_key = manifest_key(RUN, 2) if phase == "manifest-put" else "/shards/"
+    assert f"run {RUN}: commit of task 1 (b) as version 2 failed" in str(caught.value)
     assert expected_key in str(caught.value)
     shown = "".join(traceback.format_exception(caught.value))
     assert restartable_s3.secret_key not in shown and restartable_s3.access_key not in shown

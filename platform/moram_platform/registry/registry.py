@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import (CommitConflictError, CommitError, ManifestError, ObjectNotFoundError, ShardIntegrityError,
-                     VersionNotFoundError)
+                     StorageError, VersionNotFoundError)
 from .layout import manifest_key, shard_key, version_from_name, versions_prefix
 from .manifest import BaseModelRef, ShardRef, Version, check_metrics
 from .names import check_name
@@ -95,11 +95,16 @@ class Registry:
                                                                  info, ref, base, metrics))
         parent = self._parent(run_id, number, base, info)
         candidate = _candidate(run_id, number, parent.shards if parent else (), info, ref, base, metrics)
-        self.storage.write(shard_key(run_id, ref.sha256), shard)
-        _, problem = self._fetch_shard(run_id, number, ref)  # read back what the backend stored
-        if problem:
-            raise CommitError(f"commit aborted, nothing became visible: {problem}")
-        if self.storage.create(manifest_key(run_id, number), candidate.to_json()):
+        try:
+            self.storage.write(shard_key(run_id, ref.sha256), shard)
+            _, problem = self._fetch_shard(run_id, number, ref)  # read back what the backend stored
+            if problem:
+                raise CommitError(f"commit aborted, nothing became visible: {problem}")
+            created = self.storage.create(manifest_key(run_id, number), candidate.to_json())
+        except StorageError as error:
+            raise type(error)(f"run {run_id}: commit of task {info.task_index} ({info.task}) as version {number} "
+                              f"failed (committing the same shard again is safe): {error}") from None
+        if created:
             return candidate
         return _same_commit_or_conflict(self.version(run_id, number), candidate)
 
