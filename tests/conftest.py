@@ -20,4 +20,5 @@ pytest_plugins = [
     "fixtures.s3",
     "fixtures.mlflow_server",
     "fixtures.images",
+    "fixtures.smollm2",
 ]
