@@ -1,0 +1,135 @@
+"""Evaluate a causal LM on a TRACE task under a named, recorded evaluation profile.
+
+Two profiles, because published TRACE numbers come from two different protocols:
+
+- ``"reference"``: the reference MoRAM repo: greedy decoding, repetition penalty 1.2, no
+  repeated 3-gram, lenient answer extraction (the answer is found inside a chattier output);
+- ``"trace"``: TRACE's original: sampling at temperature 0.1 (top-k 50, top-p 1.0, the HF
+  defaults TRACE ran with), exact-match answers.
+
+Every result records its profile: scores from different profiles are not comparable.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import TraceExample
+from .task_metrics import TASK_METRIC, score_task
+from .tokenize import GenerationCollator, TokenizationConfig
+
+__all__ = ["PROFILES", "EvaluationProfile", "evaluate_task", "generate_answers", "get_profile"]
+
+
+@dataclass(frozen=True)
+class EvaluationProfile:
+    name: str
+    generation: Mapping[str, Any]  # keyword arguments for model.generate
+    extraction: str  # answer-extraction mode for accuracy tasks: "lenient" or "exact"
+    description: str
+
+
+PROFILES: dict[str, EvaluationProfile] = {
+    "reference": EvaluationProfile(
+        name="reference",
+        generation={"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
+        extraction="lenient",
+        description="reference MoRAM repo: greedy, repetition penalty 1.2, no-repeat 3-gram, lenient answers",
+    ),
+    "trace": EvaluationProfile(
+        name="trace",
+        generation={"do_sample": True, "temperature": 0.1, "top_k": 50, "top_p": 1.0},
+        extraction="exact",
+        description="TRACE original: sampling at temperature 0.1, exact-match answers",
+    ),
+}
+
+
+def get_profile(profile: str | EvaluationProfile) -> EvaluationProfile:
+    if isinstance(profile, EvaluationProfile):
+        return profile
+    if profile not in PROFILES:
+        raise ValueError(f"profile: unknown evaluation profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def _device_of(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _prompt_of(example) -> str:
+    return example.prompt if isinstance(example, TraceExample) else example["prompt"]
+
+
+def _answer_of(example) -> str:
+    return example.answer if isinstance(example, TraceExample) else example["answer"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | EvaluationProfile, *,
+                     task: str | None = None, max_new_tokens: int = 512, batch_size: int = 8,
+                     tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
+                     progress: bool = True) -> list[str]:
+    """Generate for each prompt (left-padded batches) and decode only the new tokens.
+
+    ``model`` is any HF causal LM, or a wrapper exposing ``.generate`` with HF semantics
+    (returns prompt + new tokens). ``seed`` seeds torch's global RNG (the "trace" profile samples).
+    """
+    profile = get_profile(profile)
+    for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    collate = GenerationCollator(tokenizer, task=task, config=tokenization)
+    device = _device_of(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    answers: list[str] = []
+    try:
+        with tqdm(total=len(prompts), desc=f"{task or 'generate'} [{profile.name}]", unit="ex",
+                  disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = collate(list(prompts[start:start + batch_size]))
+                output = model.generate(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens, pad_token_id=collate.pad_id,
+                    eos_token_id=tokenizer.eos_token_id, **profile.generation,
+                )
+                new_tokens = output[:, batch["input_ids"].shape[1]:]
+                answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+                bar.update(len(new_tokens))
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return answers
+
+
+def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[str, str]], task: str,
+                  profile: str | EvaluationProfile, *, max_new_tokens: int = 512, batch_size: int = 8,
+                  tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """``{"task", "metric", "score" (0-100), "profile", "n"}`` for ``model`` on ``examples``."""
+    if task not in TASK_METRIC:
+        raise ValueError(f"task: no TRACE metric for {task!r}; known tasks: {', '.join(TASK_METRIC)}")
+    if not examples:
+        raise ValueError(f"{task}: no examples to evaluate")
+    profile = get_profile(profile)
+    prompts = [_prompt_of(e) for e in examples]
+    predictions = generate_answers(model, tokenizer, prompts, profile, task=task, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, tokenization=tokenization, seed=seed, progress=progress)
+    # SARI's source is the prompt, as in TRACE's 20Minuten evaluation.
+    score = score_task(task, predictions, [_answer_of(e) for e in examples], sources=prompts,
+                       extraction=profile.extraction)
+    return {"task": task, "metric": TASK_METRIC[task], "score": score, "profile": profile.name, "n": len(examples)}
