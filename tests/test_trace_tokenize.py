@@ -90,7 +90,8 @@ def test_prompt_is_cut_from_the_left_and_answer_from_the_right(smollm2_tokenizer
 
 def test_meetingbank_gets_the_longer_prompt_limit(smollm2_tokenizer, trace_root):
     config = TokenizationConfig()
-    assert (config.prompt_limit("MeetingBank"), config.prompt_limit("FOMC"), config.max_answer_tokens) == (4096, 1024, 512)
+    limits = (config.prompt_limit("MeetingBank"), config.prompt_limit("FOMC"), config.max_answer_tokens)
+    assert limits == (4096, 1024, 512)
     long_example = max(load_split(trace_root, "MeetingBank", "test"), key=lambda e: len(e.prompt))
     n_prompt = len(ids(smollm2_tokenizer, long_example.prompt))
     assert n_prompt > 1024, "the test needs a MeetingBank prompt over 1024 tokens"

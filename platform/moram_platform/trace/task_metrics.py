@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
-from .data import STANDARD_CL_TASKS, TRACE_ORDER
+from .data import STANDARD_CL_TASKS
 
 __all__ = [
     "ANSWER_EXTRACTORS", "EXTRACTION_MODES", "TASK_METRIC", "accuracy", "answer_extractor", "edit_similarity",
@@ -38,7 +38,6 @@ TASK_METRIC = {
     "20Minuten": "sari",
     **{task: "accuracy" for task in STANDARD_CL_TASKS},
 }
-assert set(TRACE_ORDER) <= set(TASK_METRIC)
 
 
 # -- answer extraction -----------------------------------------------------------------------
@@ -66,8 +65,8 @@ def extract_first_line(text: str) -> str:
 # A choice letter that opens the answer: "B", "B.", "(B)", "A.支持", "B\n<reasoning>", but not
 # the English article of "A clause is ..." (letter, whitespace, lower-case word).
 _LETTER_AT_START = re.compile(r"^\(?([A-E])(?![A-Za-z])(?!\s+[a-z])")
-_LETTER_AFTER_CUE = re.compile(r"(?:answer|stance|choice|option|答案|态度|选择)\s*(?:is|:|：|为|是)?\s*\(?([A-E])(?![A-Za-z])",
-                               re.IGNORECASE)
+_LETTER_AFTER_CUE = re.compile(
+    r"(?:answer|stance|choice|option|答案|态度|选择)\s*(?:is|:|：|为|是)?\s*\(?([A-E])(?![A-Za-z])", re.IGNORECASE)
 
 
 def _choice_letter(text: str) -> str:
