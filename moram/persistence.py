@@ -77,7 +77,16 @@ def shard_to_bytes(blocks: dict[str, dict[str, torch.Tensor]], metadata: dict[st
               for key, value in metadata.items()}
     header.update(format=SHARD_FORMAT, format_version=str(SHARD_FORMAT_VERSION),
                   content_sha256=content_sha256(tensors))
-    return save_safetensors(tensors, metadata=header)
+    return _canonical_header(save_safetensors(tensors, metadata=header))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Re-write the safetensors header with sorted keys: the same atoms always give the same
+    bytes (and file sha256). safetensors itself emits its metadata in hash-map order."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(header)) + header + data[8 + length:]
 
 
 def read_shard(source: str | Path | bytes, name: str | None = None) -> Shard:

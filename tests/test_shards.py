@@ -52,6 +52,11 @@ def test_shard_metadata_and_layout():
     assert layer["routing_mass"].shape == (4,) and layer["mass"].dtype == torch.float32
 
 
+def test_export_is_byte_deterministic():
+    model, shards, _ = trained_model(tasks=1)
+    assert model.export_shard() == model.export_shard() == shards[0]
+
+
 def test_truncated_shard_is_refused(tmp_path):
     _, shards, _ = trained_model(tasks=1)
     for cut in (4, 100, len(shards[0]) - 10):

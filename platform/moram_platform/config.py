@@ -6,6 +6,7 @@ path (``train.lr: must be > 0, got -1``). CLI overrides use the same paths:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -130,6 +131,26 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "JobConfig":
+        """Relative local paths resolved against this process's working directory, so that Ray
+        workers (which run elsewhere) read the same files. URIs and model aliases are kept."""
+        config = copy.deepcopy(self)
+        config.data.root = _absolute(config.data.root)
+        config.run.output_dir = _absolute(config.run.output_dir)
+        config.registry.uri = _absolute(config.registry.uri) if config.registry.uri else config.registry_uri()
+        if config.model.cache_dir:
+            config.model.cache_dir = _absolute(config.model.cache_dir)
+        if Path(config.model.source).expanduser().exists():
+            config.model.source = _absolute(config.model.source)
+        config.mlflow.tracking_uri = config.tracking_uri()
+        return config
+
+
+def _absolute(location: str) -> str:
+    if "://" in location:
+        return location
+    return str(Path(location).expanduser().resolve())
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from .registry import BaseModelRef
 from .registry.actor import get_registry_actor
 from .training import Progress, World, train_task
 
-# Fault injection for tests and drills: the chief worker dies at this optimizer step on its
-# first attempt (no checkpoint yet restored), like a preempted node.
+# Fault injection for tests and drills, read by the driver: the chief worker dies at this
+# optimizer step on its first attempt (no checkpoint restored yet), like a preempted node.
 FAULT_ENV = "MORAM_FAULT_AT_STEP"
 
 
@@ -38,7 +38,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     shards = ray.get(registry.read_shards.remote(parent)) if parent else []
     logger = _StepLogger(loop.get("tracking_uri"), loop.get("mlflow_run_id")) if world.is_chief else None
     checkpoint = ray.train.get_checkpoint()
-    fault_step = int(os.environ.get(FAULT_ENV, "0")) if checkpoint is None else 0
+    fault_step = int(loop.get("fault_at_step") or 0) if checkpoint is None else 0
 
     def on_step(progress: Progress) -> None:
         if logger is not None:
@@ -60,6 +60,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         result = train_task(config, benchmark, loop["task_index"], shards, world,
                             on_step=on_step, on_checkpoint=on_checkpoint)
     metrics = result.metrics()
+    if checkpoint is not None:
+        metrics["resumed_from_step"] = result.resumed_from_step
     if world.is_chief:
         model_id, revision = loop["base_model"]
         version = ray.get(registry.commit.remote(result.shard, base_model=BaseModelRef(model_id, revision),
@@ -115,6 +117,7 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
             "config": config.to_dict(), "run_id": run_id, "task_index": task_index,
             "parent_version": parent_version, "registry_uri": config.registry_uri(),
             "base_model": list(base_model), "tracking_uri": config.tracking_uri(), "mlflow_run_id": mlflow_run_id,
+            "fault_at_step": os.environ.get(FAULT_ENV),
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,

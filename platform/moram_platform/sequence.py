@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -78,8 +78,16 @@ def start_ray() -> None:
 
 
 def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlflow_run: str | None = None,
+                 on_task_done: Callable[[int, list[list[float]], list[float] | None], None] | None = None,
                  progress: bool = True) -> SequenceResult:
-    """Run (or resume) the continual-learning sequence ``config`` describes."""
+    """Run (or resume) the continual-learning sequence ``config`` describes.
+
+    ``stop_after`` ends the call after that many tasks (a later call resumes);
+    ``parent_mlflow_run`` nests the sequence's MLflow run (a sweep trial);
+    ``on_task_done(task_index, matrix_so_far, baseline)`` is called after every task's row,
+    e.g. to report to Ray Tune so a scheduler can stop a weak trial early.
+    """
+    config = config.with_absolute_paths()
     benchmark = get_benchmark(config.benchmark)
     benchmark.validate(config)                      # every task and data row, before anything starts
     run_id = config.run.name or default_run_id(config)
@@ -119,6 +127,8 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
             if not finished:
                 _log_task(tracker, child, config, registry, run_id, version, row)
             _log_matrix(tracker, parent, tasks, matrix, baseline)
+            if on_task_done is not None:
+                on_task_done(index, matrix, baseline)
             if stop_after is not None and index + 1 >= stop_after:
                 break
     except BaseException:

