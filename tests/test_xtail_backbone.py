@@ -1,11 +1,13 @@
 """X-TAIL backbone: offline open_clip loading, explicit random init, MoRAM on both towers."""
+import json
 import warnings
 
 import pytest
 import torch
 
 from moram import get_moram_model
-from moram_platform.xtail import TINY_VIT, XTAIL_TARGET_MODULES, XTailSettings, load_backbone, register_model_config
+from moram_platform.xtail import (TINY_VIT, TINY_VIT_CONFIG, XTAIL_TARGET_MODULES, XTailSettings, load_backbone,
+                                  register_model_config)
 
 
 def _state(model):
@@ -43,6 +45,27 @@ def test_local_checkpoint_is_loaded_without_a_warning(tmp_path):
         loaded = load_backbone(TINY_VIT, pretrained=checkpoint, init_seed=0)
     assert loaded.pretrained == str(checkpoint)
     assert _same(_state(source.model), _state(loaded.model))
+
+
+def test_local_dir_model_needs_its_weights_or_the_flag(tmp_path):
+    with pytest.warns(UserWarning):
+        source = load_backbone(TINY_VIT, allow_random_init=True, init_seed=9)
+    folder = tmp_path / "tiny-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_VIT_CONFIG}))
+    with pytest.raises(ValueError, match="no pretrained weights given"):
+        load_backbone(f"local-dir:{folder}")
+
+    torch.save(source.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_backbone(f"local-dir:{folder}")
+    assert loaded.pretrained == str(folder)
+    assert _same(_state(source.model), _state(loaded.model))
+    with pytest.raises(ValueError, match="takes its weights from the folder"):
+        load_backbone(f"local-dir:{folder}", pretrained="openai")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone(f"local-dir:{tmp_path / 'nowhere'}", allow_random_init=True)
 
 
 def test_a_tag_that_needs_a_download_fails_clearly(tmp_path):

@@ -44,7 +44,7 @@ class Backbone:
     """What a run needs from open_clip: the model, its tokenizer and its two image transforms."""
 
     name: str
-    pretrained: str | None          # the checkpoint file actually loaded; None = random init
+    pretrained: str | None          # the checkpoint file (or local-dir folder) loaded; None = random init
     model: nn.Module
     tokenizer: Callable[[list[str]], torch.Tensor]
     train_transform: Callable
@@ -91,22 +91,32 @@ def load_backbone(name: str, pretrained: str | os.PathLike | None = None, *,
     if name.startswith("hf-hub:"):
         raise ValueError(f"model {name!r}: 'hf-hub:' models are downloaded by open_clip and this "
                          f"platform never downloads; save the model locally and use 'local-dir:<path>'")
-    kwargs: dict[str, Any] = {}
+    checkpoint, kwargs = None, {}
     if name.startswith("local-dir:"):
-        checkpoint = None  # open_clip reads config and weights from the folder itself
+        # open_clip reads config and weights from the folder, and quietly random-inits without weights
+        folder = Path(name.removeprefix("local-dir:"))
+        if pretrained is not None:
+            raise ValueError(f"model {name!r}: a 'local-dir:' model takes its weights from the folder; "
+                             f"pretrained={str(pretrained)!r} would be ignored")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
+        if any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
+            loaded_from = str(folder)
+        else:
+            _require_random_init_flag(name, allow_random_init)
+            loaded_from = None
     elif pretrained is None:
         _require_random_init_flag(name, allow_random_init)
-        checkpoint = None
+        loaded_from = None
     else:
         checkpoint, kwargs = _resolve_pretrained(name, str(pretrained), cache_dir)
+        loaded_from = checkpoint
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)  # random init is reproducible; the caller's RNG is untouched
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
             name, pretrained=checkpoint, device=device, **kwargs)
-    tokenizer = open_clip.get_tokenizer(name)
-    source = checkpoint or ("its folder" if name.startswith("local-dir:") else "random init")
-    logger.info("backbone %s loaded from %s", name, source)
-    return Backbone(name=name, pretrained=checkpoint, model=model, tokenizer=tokenizer,
+    logger.info("backbone %s loaded from %s", name, loaded_from or "random init")
+    return Backbone(name=name, pretrained=loaded_from, model=model, tokenizer=open_clip.get_tokenizer(name),
                     train_transform=train_transform, eval_transform=eval_transform)
 
 
