@@ -128,3 +128,19 @@ def test_only_the_new_atoms_train():
     assert {n.rsplit(".", 1)[-1] for n in trainable} == {"A", "B"}, sorted(trainable)[:4]
     assert sum(p.numel() for p in trainable.values()) == 16 * sum(
         layer.in_features + layer.out_features for layer in model.moram_layers.values())
+
+
+def test_a_cached_tag_resolves_to_its_file_with_the_tag_settings(tmp_path):
+    """The Hugging Face cache layout, as a download would have left it (no network involved)."""
+    from moram_platform.xtail.backbone import _resolve_pretrained
+
+    repo = tmp_path / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    weights = repo / "snapshots" / "0123abcd" / "open_clip_pytorch_model.bin"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    checkpoint, kwargs = _resolve_pretrained("ViT-B-16", "openai", cache_dir=tmp_path)
+    assert checkpoint == str(weights)
+    assert kwargs["force_quick_gelu"] is True  # OpenAI's CLIP was trained with QuickGELU
+    assert kwargs["force_preprocess_cfg"]["mean"] == (0.48145466, 0.4578275, 0.40821073)
