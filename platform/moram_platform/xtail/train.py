@@ -1,11 +1,12 @@
 """Training one X-TAIL domain: a plain single-process loop around a pure per-step loss.
 
-The loss (``xtail_loss``) is two terms, as in the reference runner:
+The loss (``xtail_loss``) has the reference's two terms:
 * image -> text: cross-entropy over the logits of [seen classes | current classes], the seen
   (earlier domains') columns set to -inf. The label space is the union, but only the current
   domain's classes compete, so training does not push old domains' prompts around.
 * text -> image: each class present in the batch against the batch's images, its target spread
-  evenly over the images of that class (the CLIP term, well-defined when a class repeats).
+  evenly over the images of that class (the CLIP term in a form that stays well-defined when a
+  class repeats in the batch, as it does with 16 shots and batch 64).
 
 ``train_domain`` owns the optimizer (AdamW, fresh per task), the cosine schedule and the data
 order; it has no Ray in it, so a Ray Train worker can call it and a DeepSpeed engine can reuse
@@ -57,6 +58,7 @@ class XTailSettings:
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
+        _require("betas", self.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
         self.betas = tuple(self.betas)
         for name in ("iterations", "batch_size", "shots", "eval_batch_size"):
             _require(name, getattr(self, name), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
@@ -66,7 +68,6 @@ class XTailSettings:
                      "an integer >= 0")
         _require("lr", self.lr, lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
-        _require("betas", self.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
         self.moram_config()  # r, k, tau, delta, target_modules: validated by moram, naming the key
 
     def moram_config(self, **overrides: Any) -> MoRAMConfig:
