@@ -88,7 +88,7 @@ class ScalingSection:
 
 @dataclass
 class RegistrySection:
-    uri: str | None = None           # default: <run.output_dir>/registry; or s3://bucket/prefix
+    uri: str | None = None           # default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry
 
 
 @dataclass
@@ -120,7 +120,9 @@ class JobConfig:
         return epochs if isinstance(epochs, int) else epochs[task_index % len(epochs)]
 
     def registry_uri(self) -> str:
-        return self.registry.uri or str(Path(self.run.output_dir).resolve() / "registry")
+        """registry.uri, else $MORAM_REGISTRY_URI, else <run.output_dir>/registry."""
+        return self.registry.uri or os.environ.get("MORAM_REGISTRY_URI") or str(
+            Path(self.run.output_dir).resolve() / "registry")
 
     def tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:

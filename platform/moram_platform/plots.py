@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 def accuracy_heatmap(matrix: list[list[float | None]], tasks: list[str], path: Path, title: str = "") -> Path:
     """R[i][j] = score on task j after training task i (rows: after task, columns: evaluated on)."""
     values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(tasks), 0.8 + 0.6 * max(len(matrix), 1)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 + 0.8 * len(tasks)), max(3.0, 1.5 + 0.6 * len(matrix))))
     image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(matrix)), [f"after {t}" for t in tasks[: len(matrix)]])

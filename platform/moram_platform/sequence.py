@@ -134,7 +134,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     except BaseException:
         tracker.finish(parent, status="FAILED")
         raise
-    summary = _summary(matrix, baseline) if len(matrix) == len(tasks) else {}
+    summary = _summary(config.benchmark, matrix, baseline) if len(matrix) == len(tasks) else {}
     if summary:
         tracker.log_metrics(parent, summary)
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
@@ -215,8 +215,18 @@ def _log_matrix(tracker: Tracker, parent: str, tasks: list[str], matrix, baselin
             tracker.log_text(parent, matrix_csv([baseline], tasks, row_names=["zero-shot"]), "zero_shot_row.csv")
 
 
-def _summary(matrix: list[list[float]], baseline: list[float] | None) -> dict[str, float]:
-    return summarize(matrix, baseline=baseline) if baseline is not None else summarize(matrix)
+# What each benchmark reports (DESIGN.md, Metrics), under names that say which variant each is.
+SUMMARY_KEYS = {
+    "trace": {"OP": "OP", "BWT": "BWT_signed", "reference_forgetting_magnitude": "reference_forgetting_magnitude",
+              "FWT": "FWT"},
+    "xtail": {"xtail_transfer": "transfer", "xtail_average": "average", "xtail_last": "last", "OP": "OP",
+              "BWT": "BWT_signed"},
+}
+
+
+def _summary(benchmark: str, matrix: list[list[float]], baseline: list[float] | None) -> dict[str, float]:
+    values = summarize(matrix, baseline=baseline)
+    return {name: values[key] for key, name in SUMMARY_KEYS[benchmark].items() if key in values}
 
 
 def _find_version(registry: Registry, run_id: str, number: int):

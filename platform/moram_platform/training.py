@@ -69,7 +69,7 @@ class TaskResult:
     def metrics(self) -> dict[str, float]:
         p = self.progress
         return {
-            "train_loss": p.losses[-1] if p.losses else float("nan"),
+            "train_loss_final": p.losses[-1] if p.losses else float("nan"),
             "train_steps": p.step,
             "train_samples": p.samples,
             "train_wall_s": round(self.wall_s, 3),
