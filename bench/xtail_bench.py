@@ -76,10 +76,6 @@ class Variant:
 def moram_variant(base, tasks: int, tokens, images, labels, settings) -> Variant:
     """A MoRAM model with tasks-1 frozen blocks and task ``tasks`` open for training."""
     model = get_moram_model(copy.deepcopy(base), settings.moram_config(prune_mass=None))
-    # Until moram freezes the q/k/v projections its MHA split creates (reported bug), do it here:
-    # otherwise those base weights would train too and the numbers would be wrong.
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     for task in range(tasks):
         model.begin_task(f"task-{task}")
         variant = Variant(f"MoRAM, {tasks} task{'s' * (tasks > 1)}", model, [p for p in model.parameters() if p.requires_grad],

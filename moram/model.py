@@ -61,10 +61,10 @@ class MoRAMModel(nn.Module):
         self.config = config
         self.task_names: list[str] = []
         self._open_task: str | None = None
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         if _wants_split_attention(model, config):
             split_multihead_attention(model)
+        for parameter in model.parameters():  # after the split: its new projections are base too
+            parameter.requires_grad_(False)
         self.moram_layers: dict[str, MoRAMLayer] = {}
         for name in _matching_modules(model, config.target_modules):
             parent_name, _, child = name.rpartition(".")

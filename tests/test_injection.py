@@ -93,3 +93,11 @@ def test_targets_that_match_nothing_list_the_existing_names():
         get_moram_model(tiny_llama(), MoRAMConfig(target_modules=["query", "value"]))
     message = str(error.value)
     assert "target_modules" in message and "'q_proj'" in message and "'down_proj'" in message
+
+
+def test_split_attention_projections_are_frozen_base_weights():
+    model = get_moram_model(tiny_clip(), MoRAMConfig(r=2, target_modules=["out_proj"]))
+    assert not any(p.requires_grad for p in model.parameters())
+    model.begin_task("t")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("out_proj.A") or n.endswith("out_proj.B") for n in trainable)

@@ -117,8 +117,6 @@ def test_moram_wraps_every_target_of_both_towers_and_starts_as_the_base():
         torch.testing.assert_close(model.encode_text(tokens), base_text, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="moram bug (reported): MoRAMModel freezes the base before splitting "
-                   "nn.MultiheadAttention, so the new q/k/v projections stay trainable")
 def test_only_the_new_atoms_train():
     with pytest.warns(UserWarning):
         backbone = load_backbone(TINY_VIT, allow_random_init=True)

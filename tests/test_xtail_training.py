@@ -18,12 +18,7 @@ def tiny_clip(init_seed: int = 0):
 
 
 def moram_clip(backbone, settings):
-    model = get_moram_model(backbone.model, settings.moram_config())
-    # Workaround until moram freezes the q/k/v projections its MHA split creates (reported;
-    # test_xtail_backbone.py::test_only_the_new_atoms_train is the strict xfail that tracks it).
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
+    return get_moram_model(backbone.model, settings.moram_config())
 
 
 # -- the loss -------------------------------------------------------------------------------
