@@ -55,9 +55,11 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    epochs: list[int] | int = field(default_factory=lambda: [2, 1, 3, 2, 1, 2, 2, 3])
-    max_steps: int | None = None     # cap per task (smoke runs, sweeps)
+    epochs: list[int] | int | None = field(default_factory=lambda: [2, 1, 3, 2, 1, 2, 2, 3])
+    max_steps: int | None = None     # cap per task; with epochs: null, exactly this many steps (X-TAIL: 500)
     lr: float = 5e-4
+    lr_schedule: str = "constant"    # constant | cosine (decays to 0 over the task's steps)
+    warmup_steps: int = 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -115,9 +117,12 @@ class JobConfig:
     def moram_config(self) -> MoRAMConfig:
         return MoRAMConfig.from_dict(self.moram)
 
-    def epochs_for(self, task_index: int) -> int:
+    def epochs_for(self, task_index: int) -> int | None:
+        """Epochs of task ``task_index``; None: as many as ``train.max_steps`` needs."""
         epochs = self.train.epochs
-        return epochs if isinstance(epochs, int) else epochs[task_index % len(epochs)]
+        if epochs is None or isinstance(epochs, int):
+            return epochs
+        return epochs[task_index % len(epochs)]
 
     def registry_uri(self) -> str:
         """registry.uri, else $MORAM_REGISTRY_URI, else <run.output_dir>/registry."""
@@ -272,7 +277,10 @@ def validate(config: JobConfig) -> None:
         ("data.eval_split", config.data.eval_split in ("eval", "test"), "must be 'eval' or 'test'"),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens >= 1, "must be >= 1"),
         ("data.max_answer_tokens", config.data.max_answer_tokens >= 1, "must be >= 1"),
-        ("train.epochs", _epochs_ok(config.train.epochs), "must be an integer >= 1 or a non-empty list of them"),
+        ("train.epochs", _epochs_ok(config.train.epochs, config.train.max_steps),
+         "must be an integer >= 1 or a non-empty list of them (or null with train.max_steps set)"),
+        ("train.lr_schedule", config.train.lr_schedule in ("constant", "cosine"), "must be constant or cosine"),
+        ("train.warmup_steps", config.train.warmup_steps >= 0, "must be >= 0"),
         ("train.max_steps", _positive_or_none(config.train.max_steps), "must be >= 1 or null"),
         ("train.lr", math.isfinite(config.train.lr) and config.train.lr > 0, "must be > 0"),
         ("train.betas", len(config.train.betas) == 2 and all(0 <= b < 1 for b in config.train.betas),
@@ -312,7 +320,9 @@ def _positive_or_none(value: int | None) -> bool:
     return value is None or value >= 1
 
 
-def _epochs_ok(epochs: list[int] | int) -> bool:
+def _epochs_ok(epochs: list[int] | int | None, max_steps: int | None) -> bool:
+    if epochs is None:
+        return max_steps is not None
     values = [epochs] if isinstance(epochs, int) else epochs
     return bool(values) and all(v >= 1 for v in values)
 

@@ -12,6 +12,7 @@ Each task gets a new engine: fresh optimizer state for fresh atoms (DESIGN: grow
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import torch
@@ -44,15 +45,32 @@ def _optimizer(params: list[nn.Parameter], train: TrainSection) -> torch.optim.O
     return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSection, total_steps: int):
+    """Linear warm-up, then constant or cosine decay to 0 at ``total_steps`` (one per optimizer step)."""
+    warmup = train.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if train.lr_schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO over the trainable atoms (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=_optimizer(params, train), model_parameters=params,
+        optimizer = _optimizer(params, train)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params,
+            lr_scheduler=lr_schedule(optimizer, train, total_steps),
             config=deepspeed_config(train, world_size), dist_init_required=False)
         self.loss_fn = loss_fn
         self.dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
@@ -70,22 +88,24 @@ class DeepSpeedEngine:
         return boundary
 
     def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class TorchEngine:
     """Plain PyTorch: one process (a lone GPU box, a notebook) or DDP when a process group exists."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
         self.model = model
         if world_size > 1 and torch.distributed.is_initialized():
             model = nn.parallel.DistributedDataParallel(model)
         self.forward_model = model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(self.params, train)
+        self.scheduler = lr_schedule(self.optimizer, train, total_steps)
         self.loss_fn = loss_fn
         self.grad_clip = train.grad_clip
         self.accumulate = accumulation_steps(train, world_size)
@@ -108,17 +128,18 @@ class TorchEngine:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
     def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_engine(model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int):
-    if train.engine == "deepspeed":
-        return DeepSpeedEngine(model, loss_fn, train, world_size)
-    return TorchEngine(model, loss_fn, train, world_size)
+def build_engine(model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
+    engine = DeepSpeedEngine if train.engine == "deepspeed" else TorchEngine
+    return engine(model, loss_fn, train, world_size, total_steps)

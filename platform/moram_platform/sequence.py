@@ -77,6 +77,28 @@ def start_ray() -> None:
         ray.init(include_dashboard=False)
 
 
+def check_resources(config: JobConfig) -> None:
+    """Fail fast when the workers can never be scheduled (Ray would wait forever). A cluster
+    that autoscales may add nodes later, so there a shortfall is only a warning."""
+    import ray
+
+    scaling = config.scaling
+    have = ray.cluster_resources()
+    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    for resource, need in needs.items():
+        if need <= have.get(resource, 0):
+            continue
+        key = "scaling.use_gpu" if resource == "GPU" else "scaling.cpus_per_worker"
+        message = (f"{key}: {scaling.num_workers} workers need {need:g} {resource}s, the Ray cluster has "
+                   f"{have.get(resource, 0):g}" + (" (set scaling.use_gpu=false to train on CPU)" if resource == "GPU" else ""))
+        if os.environ.get("RAY_ADDRESS"):
+            log.warning("%s; waiting for the cluster to scale up", message)
+        else:
+            raise ConfigError(message)
+
+
 def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlflow_run: str | None = None,
                  on_task_done: Callable[[int, list[list[float]], list[float] | None], None] | None = None,
                  progress: bool = True) -> SequenceResult:
@@ -96,6 +118,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     model_ref = benchmark.model_ref(config)
 
     start_ray()
+    check_resources(config)
     from .registry.actor import get_registry_actor
 
     actor = get_registry_actor(config.registry_uri(), run_id)

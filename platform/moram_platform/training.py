@@ -117,20 +117,21 @@ def train_task(
     model.to(world.device)  # the fresh atoms join the model's device
     if world.size == 1 and config.train.engine == "deepspeed":
         _single_process_group(world.device)
-    engine = build_engine(model, benchmark.loss, config.train, world.size)
+    examples = benchmark.train_examples(config, task)
+    total_steps = steps_per_task(config, task_index, len(examples), world.size)
+    engine = build_engine(model, benchmark.loss, config.train, world.size, total_steps)
     progress = Progress()
     if checkpoint_dir is not None:
         progress = load_checkpoint(Path(checkpoint_dir), model, engine, world)
         log.info("task %s resumes at step %d (epoch %d)", task, progress.step, progress.epoch)
     resumed_from = progress.step
 
-    examples = benchmark.train_examples(config, task)
     epochs = config.epochs_for(task_index)
     model.train()
-    bar = _progress_bar(progress_bar and world.is_chief, config, len(examples), epochs, world, task)
+    bar = _progress_bar(progress_bar and world.is_chief, total_steps, task)
     done = False
     step_losses: list[float] = []
-    while progress.epoch < epochs and not done:
+    while (epochs is None or progress.epoch < epochs) and not done:
         micro_batches = list(batches(shard_for_worker(examples, config, task_index, progress.epoch, world),
                                      config.train.micro_batch_size))
         for index in range(progress.micro_batch, len(micro_batches)):
@@ -178,10 +179,13 @@ def shard_for_worker(examples: list, config: JobConfig, task_index: int, epoch: 
 
 
 def steps_per_task(config: JobConfig, task_index: int, num_examples: int, workers: int) -> int:
-    """Optimizer steps the task will take (for progress bars and sweeps)."""
+    """Optimizer steps the task will take (progress bars, learning-rate schedules)."""
+    epochs = config.epochs_for(task_index)
+    if epochs is None:
+        return config.train.max_steps
     micro = -(-(num_examples // workers) // config.train.micro_batch_size)
     accumulate = config.train.global_batch_size // (config.train.micro_batch_size * workers)
-    steps = (micro * config.epochs_for(task_index)) // accumulate
+    steps = max((micro * epochs) // accumulate, 1)
     return min(steps, config.train.max_steps) if config.train.max_steps else steps
 
 
@@ -269,10 +273,9 @@ def _single_process_group(device: torch.device) -> None:
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def _progress_bar(enabled: bool, config: JobConfig, num_examples: int, epochs: int, world: World, task: str):
+def _progress_bar(enabled: bool, total_steps: int, task: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    total = steps_per_task(config, config.data.tasks.index(task), num_examples, world.size)
-    return tqdm(total=total, desc=f"train {task}", unit="step", dynamic_ncols=True)
+    return tqdm(total=total_steps, desc=f"train {task}", unit="step", dynamic_ncols=True)
