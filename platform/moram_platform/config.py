@@ -89,6 +89,21 @@ class ScalingSection:
 
 
 @dataclass
+class XTailSection:
+    """CLIP / X-TAIL specifics (benchmark: xtail); model.source is the open_clip model name."""
+
+    pretrained: str | None = None            # an open_clip pretrained tag (already cached) or a checkpoint path
+    allow_random_init: bool = False          # no pretrained weights: only with this flag, and a warning
+    model_config: dict[str, Any] | None = None   # a custom open_clip model config registered as model.source
+    shots: int = 16
+    split_seed: int = 0
+    split_dir: str | None = None             # where few-shot split files are saved (default: next to the data)
+    domain_sources: dict[str, str] = field(default_factory=dict)   # domain -> folder or s3:// (default <data.root>/<domain>)
+    templates: dict[str, list[str]] = field(default_factory=dict)  # domain -> prompt templates
+    cache_dir: str | None = None             # local mirror of s3:// domains
+
+
+@dataclass
 class RegistrySection:
     uri: str | None = None           # default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry
 
@@ -111,6 +126,7 @@ class JobConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
+    xtail: XTailSection = field(default_factory=XTailSection)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -302,6 +318,8 @@ def validate(config: JobConfig) -> None:
         ("scaling.cpus_per_worker", config.scaling.cpus_per_worker > 0, "must be > 0"),
         ("scaling.gpus_per_worker", config.scaling.gpus_per_worker >= 0, "must be >= 0"),
         ("scaling.max_failures", config.scaling.max_failures >= -1, "must be >= -1 (-1: retry forever)"),
+        ("xtail.shots", config.xtail.shots >= 1, "must be >= 1"),
+        ("xtail.split_seed", config.xtail.split_seed >= 0, "must be >= 0"),
     ]
     for key, ok, rule in rules:
         if not ok:
