@@ -6,6 +6,9 @@
 Artifacts go through the server (``--artifacts-destination``, proxied): clients need no
 storage credentials of their own. For S3 the server reads the standard AWS variables and
 MLFLOW_S3_ENDPOINT_URL from its environment.
+
+``port`` reuses a known port (the local stack keeps its URLs across restarts); ``base_env``
+replaces this process's environment as the one the server starts from.
 """
 from __future__ import annotations
 
@@ -20,17 +23,18 @@ from .seaweed import free_ports
 
 
 class MlflowServer:
-    def __init__(self, workdir: str | os.PathLike, artifacts: str | None = None, startup_timeout: float = 90.0):
+    def __init__(self, workdir: str | os.PathLike, artifacts: str | None = None, startup_timeout: float = 90.0,
+                 *, port: int | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.artifacts = artifacts or str(self.workdir / "artifacts")
-        self.port = free_ports(1)[0]
+        self.port = port or free_ports(1)[0]
         self.uri = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> "MlflowServer":
-        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    def start(self, env: dict[str, str] | None = None, *, base_env: dict[str, str] | None = None) -> "MlflowServer":
+        environment = {**(os.environ if base_env is None else base_env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                        "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
         command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
@@ -40,6 +44,11 @@ class MlflowServer:
                                         start_new_session=True)
         self._wait_ready()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (also its process group and session), None when stopped."""
+        return self.process.pid if self.process is not None and self.process.poll() is None else None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

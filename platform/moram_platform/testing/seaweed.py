@@ -5,8 +5,9 @@
         server.client().create_bucket(Bucket="moram")
         server.stop(); server.start()                   # same ports and data: a crash + restart
 
-Used by the pytest fixtures (tests/fixtures/s3.py) and by bench/registry_bench.py. Every
-port (HTTP and gRPC of each component) is picked free, so several servers can run at once.
+Used by the pytest fixtures (tests/fixtures/s3.py), bench/registry_bench.py and the local
+stack (moram_platform.stack). Every port (HTTP and gRPC of each component) is picked free, so
+several servers can run at once, unless ``ports`` names them (a restarted stack keeps its own).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 REGION = "us-east-1"
-_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+PORT_NAMES = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
           "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 _READY_BUCKET = "seaweed-ready"
 
@@ -54,19 +55,29 @@ def free_ports(count: int) -> list[int]:
 class SeaweedServer:
     """One ``weed server`` process (master + volume + filer + S3) with fresh credentials.
 
-    ``stop()`` kills it like a crash would; ``start()`` again brings it back on the same ports
-    and data directory, with everything it had acknowledged before.
+    ``stop()`` kills it like a crash would; ``terminate()`` shuts it down cleanly; ``start()``
+    again brings it back on the same ports and data directory, with everything it had
+    acknowledged before.
+
+    ``ports`` (keys as in ``PORT_NAMES``) and ``access_key``/``secret_key`` reuse an earlier
+    server's settings; ``stop_at_exit=False`` lets the server outlive this Python process (the
+    local stack's ``up`` command starts it and exits).
     """
 
-    def __init__(self, workdir: str | os.PathLike, startup_timeout: float = 60.0):
+    def __init__(self, workdir: str | os.PathLike, startup_timeout: float = 60.0, *,
+                 ports: dict[str, int] | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, stop_at_exit: bool = True):
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "weed.log"
         self.startup_timeout = startup_timeout
-        self.access_key = "moram" + secrets.token_hex(8)
-        self.secret_key = secrets.token_hex(20)
-        self.ports = dict(zip(_PORTS, free_ports(len(_PORTS))))
+        self.access_key = access_key or "moram" + secrets.token_hex(8)
+        self.secret_key = secret_key or secrets.token_hex(20)
+        if ports is not None and set(ports) != set(PORT_NAMES):
+            raise ValueError(f"ports: expected the keys {list(PORT_NAMES)}, got {sorted(ports)}")
+        self.ports = dict(ports) if ports is not None else dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.stop_at_exit = stop_at_exit
         self._process: subprocess.Popen | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -77,7 +88,8 @@ class SeaweedServer:
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
-        atexit.register(self.stop)  # never outlive the process that started it, even on an error
+        if self.stop_at_exit:
+            atexit.register(self.stop)  # never outlive the process that started it, even on an error
         self._wait_ready()
         return self
 
@@ -88,6 +100,23 @@ class SeaweedServer:
             self._process.wait(timeout=30)
         self._process = None
         atexit.unregister(self.stop)
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """Shut down cleanly (SIGTERM: flush and close the volumes), SIGKILL after ``timeout``."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._process.send_signal(signal.SIGKILL)
+                self._process.wait(timeout=30)
+        self._process = None
+        atexit.unregister(self.stop)
+
+    @property
+    def pid(self) -> int | None:
+        """The ``weed`` process id (also its process group and session), None when stopped."""
+        return self._process.pid if self.running else None
 
     @property
     def running(self) -> bool:
@@ -129,11 +158,12 @@ class SeaweedServer:
         config = self.workdir / "s3.json"
         identity = {"identities": [{"name": "moram", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]}
-        config.write_text(json.dumps(identity))
-        config.chmod(0o600)
+        config.unlink(missing_ok=True)  # created 0600 from the start: it holds the secret key
+        with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(json.dumps(identity))
         return [
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            "-volume.max=0", "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
             "-master.electionTimeout=1s",  # a restarted master leads after ~1 s, not 10+ s
             "-filer", "-s3", f"-s3.config={config}", f"-dir={self.data_dir}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra gateways this server does not need
