@@ -88,11 +88,19 @@ class DeepSpeedEngine:
         return boundary
 
     def optimizer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        # The torch optimizer inside DeepSpeed's wrapper: moments of this worker's partition as
+        # plain tensors (the wrapper's own state holds Python objects that weights_only refuses).
+        return {"optimizer": _innermost(self.optimizer).state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        _innermost(self.optimizer).load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _innermost(optimizer) -> torch.optim.Optimizer:
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class TorchEngine:

@@ -117,13 +117,15 @@ def train_task(
     model.to(world.device)  # the fresh atoms join the model's device
     if world.size == 1 and config.train.engine == "deepspeed":
         _single_process_group(world.device)
+    progress = Progress()
+    if checkpoint_dir is not None:  # atoms first: an engine copies them into its master weights
+        progress = load_checkpoint_atoms(Path(checkpoint_dir), model, world)
+        log.info("task %s resumes at step %d (epoch %d)", task, progress.step, progress.epoch)
     examples = benchmark.train_examples(config, task)
     total_steps = steps_per_task(config, task_index, len(examples), world.size)
     engine = build_engine(model, benchmark.loss, config.train, world.size, total_steps)
-    progress = Progress()
     if checkpoint_dir is not None:
-        progress = load_checkpoint(Path(checkpoint_dir), model, engine, world)
-        log.info("task %s resumes at step %d (epoch %d)", task, progress.step, progress.epoch)
+        load_checkpoint_optimizer(Path(checkpoint_dir), engine, world)
     resumed_from = progress.step
 
     epochs = config.epochs_for(task_index)
@@ -232,7 +234,8 @@ def save_checkpoint(folder: Path, model: MoRAMModel, engine, progress: Progress,
 
 
 @torch.no_grad()
-def load_checkpoint(folder: Path, model: MoRAMModel, engine, world: World) -> Progress:
+def load_checkpoint_atoms(folder: Path, model: MoRAMModel, world: World) -> Progress:
+    """The current block's atoms and statistics, and where training stood."""
     state = json.loads((folder / STATE_FILE).read_text())
     tensors = load_file(str(folder / ATOMS_FILE))
     for name, layer in model.moram_layers.items():
@@ -240,15 +243,22 @@ def load_checkpoint(folder: Path, model: MoRAMModel, engine, world: World) -> Pr
         layer.B.copy_(tensors[f"{name}.B"])
         if layer.router is not None:
             layer.router.copy_(tensors[f"{name}.router"])
+        # statistics are summed over workers at the end: only one copy may carry the past
         layer.activation_mass = tensors[f"{name}.activation_mass"].clone() if world.is_chief else torch.zeros(0)
         layer.current_trained = True
-    optimizer_file = folder / f"optimizer-rank{world.rank}.pt"
-    if state.pop("world_size") == world.size and optimizer_file.is_file():
-        try:
-            engine.load_optimizer_state(torch.load(optimizer_file, weights_only=True, map_location=world.device))
-        except Exception as error:  # an optimizer layout we cannot restore: moments restart
-            log.warning("optimizer state not restored (%s); continuing with fresh moments", error)
+    state.pop("world_size")
     return Progress(**state)
+
+
+def load_checkpoint_optimizer(folder: Path, engine, world: World) -> None:
+    """This worker's optimizer moments and schedule, when the worker count is unchanged."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    optimizer_file = folder / f"optimizer-rank{world.rank}.pt"
+    if state["world_size"] != world.size or not optimizer_file.is_file():
+        log.warning("optimizer state not restored (saved by %d workers, now %d); fresh moments",
+                    state["world_size"], world.size)
+        return
+    engine.load_optimizer_state(torch.load(optimizer_file, weights_only=True, map_location=world.device))
 
 
 # -- helpers -------------------------------------------------------------------------------------
