@@ -334,9 +334,9 @@ def _param(name: str, spec: Any) -> Param:
              spec.get("values"))
     low, high = (_number(f"{where}.{bound}", spec.get(bound), integer=space == "randint") for bound in ("low", "high"))
     if space == "loguniform":
-        _require(f"{where}.low", low > 0, "must be > 0", low)
+        _require(f"{where}.low", low > 0, "must be > 0", spec["low"])
     _require(f"{where}.high", high > low if space != "randint" else high >= low,
-             f"must be {'>' if space != 'randint' else '>='} low ({low})", high)
+             f"must be {'>' if space != 'randint' else '>='} low ({spec['low']})", spec["high"])
     return Param(name, key, space, low=low, high=high)
 
 

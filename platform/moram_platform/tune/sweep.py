@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import yaml
 
 from ..config import JobConfig, config_from_dict
 from ..tracking import flatten
-from .resources import (TrialShare, concurrent_trials, evaluation_trial_share, training_trial_share)
+from .resources import ResourceError, TrialShare, concurrent_trials, evaluation_trial_share, training_trial_share
 from .space import Objective, Param, SpaceError, SweepSpace, with_params
 from .tracking import SweepTracker
 
@@ -244,7 +245,7 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     start_ray()
     cluster = _cluster_resources()
     train_share = training_trial_share(trial_config, space.resources.trial_cpu)
-    concurrency = concurrent_trials(train_share, cluster, space.search.max_concurrent, "training trial")
+    concurrency = _concurrency(train_share, cluster, space.search.max_concurrent, "training trial")
     if concurrency < space.search.max_concurrent:
         log.warning("sweep %s: %d concurrent training trials (not %d): each holds %s at its peak, the cluster has %s",
                     name, concurrency, space.search.max_concurrent, train_share.total, cluster)
@@ -300,7 +301,7 @@ def _delta_stage(space: SweepSpace, context: TrialContext, trials: list[TrialOut
     sources = _top_trials(trials, space.objective, space.delta_stage.top_trials)
     param, = space.inference_params
     share = evaluation_trial_share(trial_config)
-    concurrency = concurrent_trials(share, cluster, space.search.max_concurrent, "δ (evaluation) trial")
+    concurrency = _concurrency(share, cluster, space.search.max_concurrent, "δ (evaluation) trial")
     # Every finished trial can be looked up (a restored δ experiment names the sources it started with).
     finished = {t.trial_id: t for t in trials if _scored(t)}
     context = dataclasses.replace(context, sources=finished)
@@ -346,6 +347,18 @@ def _scheduler(space: SweepSpace, tasks: int):
     return ASHAScheduler(time_attr="training_iteration", max_t=tasks,
                          grace_period=min(space.scheduler.grace_period, tasks),
                          reduction_factor=space.scheduler.reduction_factor)
+
+
+def _concurrency(share: TrialShare, cluster: dict[str, float], wanted: int, what: str) -> int:
+    """Concurrent trials the cluster holds now. On a cluster joined through RAY_ADDRESS, which may
+    autoscale, a trial that does not fit yet is a warning (one trial at a time), like run_sequence."""
+    try:
+        return concurrent_trials(share, cluster, wanted, what)
+    except ResourceError as error:
+        if not os.environ.get("RAY_ADDRESS"):
+            raise
+        log.warning("%s; running one trial at a time while the cluster scales up", error)
+        return 1
 
 
 def _tune_resources(resources: dict[str, float]) -> dict[str, float]:
