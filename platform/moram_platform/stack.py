@@ -482,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where the stack keeps its data, ports and keys (default ${STATE_DIR_ENV} or ~/.moram/stack)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
     args = parser.parse_args(argv)
-    stack = LocalStack(args.state_dir)
     try:
+        stack = LocalStack(args.state_dir)
         if args.command == "up":
             before = stack.state.get("ports")
             stack.up(num_cpus=args.num_cpus)

@@ -1,0 +1,238 @@
+"""The local stack (infra/local, moram_platform.stack) with real servers: it comes up on loopback,
+runs `ray job submit` jobs that reach the S3 registry and MLflow with the head's credentials only,
+stops by its recorded process ids, and comes back with its data, keys and ports."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from moram_platform.registry import Registry
+from moram_platform.stack import SERVICES, LocalStack, Process, StackError
+from fixtures.paths import PROJECT_ROOT, TRACE_500
+
+INFRA = PROJECT_ROOT / "infra" / "local"
+RAY = str(Path(sys.executable).parent / "ray")
+SECRET_FILES = {"stack.env", "credentials.json", "s3.json"}   # the only files that may hold the S3 keys
+SMOKE_CONFIG = "jobs/configs/trace/smollm2-135m_moram_cpu-smoke.yaml"
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """A fresh state dir; whatever happens in the test, the stack is down afterwards."""
+    state = tmp_path / "stack"
+    yield state
+    try:
+        LocalStack(state).down()
+    except StackError:     # a test that damaged the state file started nothing
+        pass
+
+
+def client_env() -> dict[str, str]:
+    """The caller's environment with no S3 keys, registry or MLflow settings: a job can only get
+    them from the Ray head."""
+    drop = ("AWS_", "MLFLOW_TRACKING_URI", "MORAM_REGISTRY_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    return {key: value for key, value in os.environ.items() if not key.startswith(drop)}
+
+
+def script(name: str, state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(INFRA / name), "--state-dir", str(state), *args], env=client_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(stack: LocalStack, *entrypoint: str, timeout: float = 600) -> str:
+    job = subprocess.run([RAY, "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(PROJECT_ROOT),
+                          "--", *entrypoint], env=client_env(), capture_output=True, text=True, timeout=timeout)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    return job.stdout
+
+
+def stack_pids(stack: LocalStack) -> set[int]:
+    return {pid for name in SERVICES for pid in stack._process(name).group()}
+
+
+def listening(pids: set[int]) -> set[str]:
+    """Local addresses on which these processes accept TCP connections (from `ss -ltnp`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines()
+            if any(int(pid) in pids for pid in re.findall(r"pid=(\d+)", line))}
+
+
+def files_holding(secret: str, *roots: Path) -> set[Path]:
+    found = set()
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                try:
+                    if secret.encode() in path.read_bytes():
+                        found.add(path)
+                except OSError:
+                    pass
+    return found
+
+
+def smoke_result(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("smoke-result:"))
+    return json.loads(line.split(":", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
+    up = script("up.sh", state_dir, "--num-cpus", "2")
+    assert up.returncode == 0, up.stdout + up.stderr
+    stack = LocalStack(state_dir)
+    keys = json.loads((state_dir / "credentials.json").read_text())
+    for url in (stack.dashboard_url, stack.mlflow_uri, stack.s3_endpoint, stack.registry_uri):
+        assert url in up.stdout
+    assert f"source {stack.env_file}" in up.stdout
+    assert keys["secret_key"] not in up.stdout + up.stderr and keys["access_key"] not in up.stdout
+    for private in (stack.env_file, stack.credentials_file, state_dir / "seaweedfs" / "s3.json"):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    assert f"export AWS_SECRET_ACCESS_KEY={keys['secret_key']}" in stack.env_file.read_text()
+
+    # Everything listens on loopback only.
+    pids = stack_pids(stack)
+    started = [Process.of(pid) for pid in pids]
+    addresses = listening(pids)
+    assert addresses and all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for a in addresses), addresses
+
+    # `up` again while it runs changes nothing; `status` says all is well.
+    assert script("up.sh", state_dir).returncode == 0
+    assert {name: LocalStack(state_dir)._process(name) for name in SERVICES} == \
+           {name: stack._process(name) for name in SERVICES}
+    status = script("status.sh", state_dir)
+    assert status.returncode == 0 and status.stdout.count("healthy") == 3, status.stdout
+
+    # A job: a Ray task commits to the S3 registry, the driver logs an MLflow run with an artifact.
+    run_name = f"smoke-{uuid.uuid4().hex[:6]}"
+    out = submit(stack, "python", "infra/local/smoke_job.py", "--run-name", run_name)
+    result = smoke_result(out)
+    assert result["registry"] == stack.registry_uri and result["version"] == 1
+    os.environ.update(stack.env())    # the test process is now a client, as after `source stack.env`
+    try:
+        assert Registry(stack.registry_uri).versions(run_name) == [1]
+        client = MlflowClient(stack.mlflow_uri)
+        assert client.get_run(result["mlflow_run_id"]).data.metrics == {"accuracy": 42.0}
+    finally:
+        for key in stack.env():
+            os.environ.pop(key, None)
+    jobs = json.dumps(_get_json(f"{stack.dashboard_url}/api/jobs/"))
+    assert keys["secret_key"] not in jobs and keys["access_key"] not in jobs     # not in any runtime env
+
+    # Stop: exactly the recorded processes, and their ports close.
+    down = script("down.sh", state_dir)
+    assert down.returncode == 0 and "stopped: ray, mlflow, seaweedfs" in down.stdout, down.stdout + down.stderr
+    assert not [p.pid for p in started if p.alive()], "a stack process outlived down"
+    assert not listening(pids)
+    assert script("status.sh", state_dir).returncode == 1
+    leaked = files_holding(keys["secret_key"], state_dir, stack.ray_temp_dir)
+    assert {path.name for path in leaked} <= SECRET_FILES, leaked
+
+    # Restart with MLflow's port taken by someone else: the rest keeps its ports, MLflow moves,
+    # and stack.env says where; the keys and all the data are the same.
+    old_ports = stack.ports
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # the old server's TIME_WAITs
+        squatter.bind(("127.0.0.1", old_ports["mlflow"]))
+        squatter.listen()
+        again = script("up.sh", state_dir, "--num-cpus", "2")
+        assert again.returncode == 0, again.stdout + again.stderr
+    stack = LocalStack(state_dir)
+    assert stack.ports["seaweedfs"] == old_ports["seaweedfs"] and stack.ports["ray"] == old_ports["ray"]
+    assert stack.ports["mlflow"] != old_ports["mlflow"]
+    assert f"export MLFLOW_TRACKING_URI={stack.mlflow_uri}" in stack.env_file.read_text()
+    assert json.loads(stack.credentials_file.read_text()) == keys
+
+    client = MlflowClient(stack.mlflow_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.run_name == run_name and run.data.metrics == {"accuracy": 42.0}
+    artifact = Path(client.download_artifacts(run.info.run_id, "smoke.txt", str(state_dir.parent)))
+    assert artifact.read_text() == f"run {run_name}: registry version 1\n"
+    os.environ.update(stack.env())
+    try:
+        registry = Registry(stack.registry_uri)
+        assert registry.versions(run_name) == [1]
+        registry.verify(run_name, 1)
+    finally:
+        for key in stack.env():
+            os.environ.pop(key, None)
+    # The restarted stack serves jobs too: the same commit again is the same version (idempotent).
+    assert smoke_result(submit(stack, "python", "infra/local/smoke_job.py", "--run-name", run_name))["version"] == 1
+    assert script("down.sh", state_dir).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_start_stops_what_it_started(state_dir):
+    up = script("up.sh", state_dir, "--num-cpus", "-1")       # SeaweedFS and MLflow start, then Ray fails
+    assert up.returncode == 2 and "ray start exited" in up.stderr, up.stdout + up.stderr
+    assert f"log {state_dir / 'ray-head.log'}" in up.stderr      # the error names the log, which says why
+    assert "must be nonnegative" in (state_dir / "ray-head.log").read_text()
+    assert json.loads((state_dir / "stack.json").read_text())["processes"] == {}
+    left = _processes_mentioning(str(state_dir)) + _processes_mentioning(str(LocalStack(state_dir).ray_temp_dir))
+    assert not left, f"processes of the failed start still run: {left}"
+
+
+def test_a_damaged_state_file_is_named(state_dir):
+    state_dir.mkdir()
+    (state_dir / "stack.json").write_text("{not json")
+    up = script("up.sh", state_dir, timeout=60)
+    assert up.returncode != 0 and f"{state_dir / 'stack.json'}: not valid JSON" in up.stderr
+    assert script("status.sh", state_dir, timeout=60).returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_trace_job_on_the_stack_then_after_a_restart(state_dir):
+    """The real jobs/trace.py (SmolLM2-135M, TRACE-500, Ray Train + DeepSpeed) submitted to the
+    stack: its registry version lands in S3 and its runs in MLflow, and both survive a restart."""
+    stack = LocalStack(state_dir).up(num_cpus=2)
+    run_name = f"trace-stack-{uuid.uuid4().hex[:6]}"
+    out = submit(stack, "python", "jobs/trace.py", "--config", SMOKE_CONFIG, "--run-name", run_name, "--quiet",
+                 "--set", "data.tasks=[C-STANCE]", "--set", "data.max_train_examples=4",
+                 "--set", "data.max_eval_examples=2", "--set", "train.global_batch_size=4",
+                 "--set", "scaling.num_workers=1", "--set", f"data.root={TRACE_500}",
+                 "--set", "eval.max_new_tokens=4", "--set", "eval.batch_size=2", timeout=1500)
+    assert f"== {run_name} ==" in out and stack.registry_uri in out
+
+    def check(stack: LocalStack) -> None:
+        os.environ.update(stack.env())
+        try:
+            assert Registry(stack.registry_uri).versions(run_name) == [1]
+            Registry(stack.registry_uri).verify(run_name, 1)
+        finally:
+            for key in stack.env():
+                os.environ.pop(key, None)
+        client = MlflowClient(stack.mlflow_uri)
+        runs = client.search_runs([client.get_experiment_by_name("trace").experiment_id],
+                                  filter_string=f"tags.`moram.run_id` = '{run_name}'")
+        assert sorted(r.info.run_name for r in runs) == [run_name, "task-0-C-STANCE"]
+
+    check(stack)
+    stack.down()
+    check(LocalStack(state_dir).up(num_cpus=2))
+
+
+def _get_json(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes() and Process.of(int(entry.name)).alive():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
