@@ -21,4 +21,5 @@ pytest_plugins = [
     "fixtures.mlflow_server",
     "fixtures.images",
     "fixtures.smollm2",
+    "fixtures.tiny_lm",
 ]
