@@ -18,27 +18,11 @@ from moram_platform.config import load_config
 from moram_platform.registry import Registry
 from moram_platform.sequence import run_sequence
 from moram_platform.tune import load_space, run_sweep
+from fixtures.tiny_lm import tiny_trace_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 TASKS = ["C-STANCE", "FOMC"]
 DELTAS = [0.0, 0.3]
-
-
-def tiny_job(folder: Path, model_dir: Path, trace_root: Path, tracking_uri: str, experiment: str) -> dict:
-    return {
-        "benchmark": "trace",
-        "run": {"output_dir": str(folder / "runs"), "seed": 0},
-        "model": {"source": str(model_dir), "dtype": "float32"},
-        "moram": {"method": "moram", "target_modules": ["q_proj", "v_proj"], "r": 2, "k": 2, "tau": 0.03,
-                  "delta": 0.2, "dropout": 0.0, "prune_mass": 0.99},
-        "data": {"root": str(trace_root), "tasks": TASKS, "max_train_examples": 8, "max_eval_examples": 4,
-                 "max_prompt_tokens": 64, "max_answer_tokens": 8},
-        "train": {"epochs": 1, "lr": 1.0e-3, "global_batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-                  "engine": "torch"},
-        "eval": {"max_new_tokens": 4, "batch_size": 4},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.9},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
-    }
 
 
 def tiny_space(base_config: Path) -> dict:
@@ -67,7 +51,8 @@ def sweep(tmp_path_factory, tiny_lm_dir, trace_root, mlflow_server):
     folder = tmp_path_factory.mktemp("sweep")
     experiment = f"tune-{uuid.uuid4().hex[:8]}"
     base = folder / "tiny-llama_moram.yaml"
-    base.write_text(yaml.safe_dump(tiny_job(folder, tiny_lm_dir, trace_root, mlflow_server.uri, experiment)))
+    base.write_text(yaml.safe_dump(tiny_trace_job(folder / "runs", tiny_lm_dir, trace_root, TASKS, mlflow_server.uri,
+                                                  experiment)))
     space_file = folder / "space.yaml"
     space_file.write_text(yaml.safe_dump(tiny_space(base)))
     if ray.is_initialized():
