@@ -177,7 +177,8 @@ class SweepSpace:
         params = {}
         for p in self.params:
             entry = {"key": p.key, "space": p.space}
-            entry.update({"values": list(p.values)} if p.space in ("choice", "grid") else {"low": p.low, "high": p.high})
+            bounds = {"values": list(p.values)} if p.space in ("choice", "grid") else {"low": p.low, "high": p.high}
+            entry.update(bounds)
             params[p.name] = entry
         sections = {name: _section_dict(getattr(self, name))
                     for name in ("search", "scheduler", "objective", "delta_stage", "resources")}

@@ -195,7 +195,7 @@ def delta_trial(values: dict[str, Any], context: TrialContext) -> None:
     from ..evaluation import evaluate_version_task
 
     source = context.sources[values["trial"]]
-    (name, param), = ((n, p) for n, p in context.params.items() if p.inference_only)
+    name = next(n for n, p in context.params.items() if p.inference_only)
     delta = float(values[name])
     config = context.config(source.params, source.run_id)
     tasks, registry_uri, config_dict = config.data.tasks, config.registry_uri(), config.to_dict()
@@ -231,8 +231,6 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     such as ``s3://`` on a multi-node cluster); ``train_only`` stops after the training stage
     (a later call with the same name adds the δ stage).
     """
-    from ray import tune
-
     from ..benchmark import get_benchmark
     from ..sequence import start_ray
 
