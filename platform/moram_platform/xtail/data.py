@@ -88,12 +88,18 @@ class ImageSamples(Dataset):
 def load_domain(name: str, source: str | os.PathLike, *, shots: int = 16, seed: int = 0,
                 templates: list[str] | tuple[str, ...] | None = None,
                 split_dir: str | os.PathLike | None = None,
-                cache_dir: str | os.PathLike | None = None) -> Domain:
+                cache_dir: str | os.PathLike | None = None, verify_images: bool = True,
+                save_split: bool = True) -> Domain:
     """Scan, split and validate a domain.
 
     ``templates`` defaults to the X-TAIL template of ``name``, else "a photo of a {}.".
     The split file ``<name>_<shots>shot_seed<seed>.json`` goes to ``split_dir``, else the domain
-    root. An ``s3://`` source is first mirrored into ``cache_dir`` (boto3, standard AWS chain).
+    root; a newly drawn split is written only once its images passed the checks. An ``s3://``
+    source is first mirrored into ``cache_dir`` (boto3, standard AWS chain).
+    ``verify_images=False`` skips opening every image (a process whose driver already checked
+    the same folder, e.g. a Ray worker); the folder and split checks still run.
+    ``save_split=False`` keeps a newly drawn split in memory only (check several domains before
+    writing any split file; the draw is deterministic, so a later call saves the same split).
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise DomainError(f"domain {name}: shots must be an integer >= 1, got {shots!r}")
@@ -105,11 +111,14 @@ def load_domain(name: str, source: str | os.PathLike, *, shots: int = 16, seed: 
         raise DomainError(f"domain {name} ({root}): train/ and test/ have different classes "
                           f"(only in train: {only_train[:5]}, only in test: {only_test[:5]})")
     split_file = Path(split_dir or root) / f"{name}_{shots}shot_seed{seed}.json"
-    chosen = _load_or_draw_split(name, root, folders, shots, seed, split_file)
+    chosen, drawn = _load_or_draw_split(name, root, folders, shots, seed, split_file)
     train = tuple((root / rel, label) for label, folder in enumerate(folders) for rel in chosen[folder])
     test = tuple((path, label) for label, folder in enumerate(folders)
                  for path in _images(root / "test" / folder))
-    validate_images(path for path, _ in train + test)
+    if verify_images:
+        validate_images(path for path, _ in train + test)
+    if drawn and save_split:
+        _save_split(split_file, name, shots, seed, chosen)
     return Domain(name=name, root=root, classnames=_prompt_names(root, folders),
                   templates=_check_templates(name, templates or XTAIL_TEMPLATES.get(name, (DEFAULT_TEMPLATE,))),
                   train=train, test=test, split_file=split_file)
@@ -179,9 +188,10 @@ def _check_templates(name: str, templates) -> tuple[str, ...]:
 
 # -- the few-shot split ---------------------------------------------------------------------
 def _load_or_draw_split(name: str, root: Path, folders: list[str], shots: int, seed: int,
-                        split_file: Path) -> dict[str, list[str]]:
+                        split_file: Path) -> tuple[dict[str, list[str]], bool]:
+    """(the split, whether it was drawn now and still has to be saved)."""
     if split_file.is_file():
-        return _read_split(split_file, root, folders)
+        return _read_split(split_file, root, folders), False
     chosen = {}
     for folder in folders:
         files = [p.relative_to(root).as_posix() for p in _images(root / "train" / folder)]
@@ -189,10 +199,13 @@ def _load_or_draw_split(name: str, root: Path, folders: list[str], shots: int, s
             raise DomainError(f"{root / 'train' / folder}: {len(files)} images, fewer than shots={shots}")
         # One generator per class: the draw of a class depends only on (domain, seed, class).
         chosen[folder] = sorted(random.Random(f"{name}:{seed}:{folder}").sample(files, shots))
+    return chosen, True
+
+
+def _save_split(split_file: Path, name: str, shots: int, seed: int, chosen: dict[str, list[str]]) -> None:
     record = {"domain": name, "shots": shots, "seed": seed, "classes": chosen}
     _write_atomically(split_file, json.dumps(record, indent=1))
     logger.info("domain %s: drew a %d-shot split (seed %d) into %s", name, shots, seed, split_file)
-    return chosen
 
 
 def _read_split(split_file: Path, root: Path, folders: list[str]) -> dict[str, list[str]]:

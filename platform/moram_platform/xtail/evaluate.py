@@ -25,8 +25,12 @@ def class_tokens(tokenizer: Callable, domain: Domain) -> torch.Tensor:
 
 def class_text_features(model: nn.Module, tokens: torch.Tensor, templates_per_class: int) -> torch.Tensor:
     """[classes, dim] unit text features; a class with several templates gets their normalised mean."""
-    features = F.normalize(model.encode_text(tokens), dim=-1)
-    features = features.view(-1, templates_per_class, features.shape[-1]).mean(dim=1)
+    return mean_over_templates(F.normalize(model.encode_text(tokens), dim=-1), templates_per_class)
+
+
+def mean_over_templates(prompt_features: torch.Tensor, templates_per_class: int) -> torch.Tensor:
+    """[classes * templates, dim] unit prompt features (class-major) -> [classes, dim] unit class features."""
+    features = prompt_features.view(-1, templates_per_class, prompt_features.shape[-1]).mean(dim=1)
     return F.normalize(features, dim=-1)
 
 
@@ -38,12 +42,10 @@ def evaluate_domains(model: nn.Module, domains: Sequence[Domain], *, tokenizer: 
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        text = torch.cat([class_text_features(model, class_tokens(tokenizer, domain).to(device), len(domain.templates))
-                          for domain in domains])
+        text = union_text_features(model, domains, tokenizer)
         scores, offset = {}, 0
         for domain in domains:
-            correct = _count_correct(model, domain, text, offset, transform, batch_size, num_workers)
+            correct = count_correct(model, domain.test, text, offset, transform, batch_size, num_workers)
             scores[domain.name] = 100.0 * correct / len(domain.test)
             offset += domain.num_classes
         logger.info("X-TAIL accuracy over %d classes: %s", offset,
@@ -53,10 +55,20 @@ def evaluate_domains(model: nn.Module, domains: Sequence[Domain], *, tokenizer: 
         model.train(was_training)
 
 
-def _count_correct(model, domain: Domain, text: torch.Tensor, offset: int, transform, batch_size: int,
-                   num_workers: int) -> int:
+@torch.no_grad()
+def union_text_features(model: nn.Module, domains: Sequence[Domain], tokenizer: Callable) -> torch.Tensor:
+    """[all classes of ``domains``, dim] unit text features, domain after domain (the label space)."""
+    device = next(model.parameters()).device
+    return torch.cat([class_text_features(model, class_tokens(tokenizer, domain).to(device), len(domain.templates))
+                      for domain in domains])
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, samples: Sequence[tuple], text: torch.Tensor, offset: int, transform: Callable,
+                  batch_size: int, num_workers: int = 0) -> int:
+    """How many (image path, label) ``samples`` have their argmax over ``text`` at ``offset + label``."""
     device = text.device
-    loader = DataLoader(ImageSamples(domain.test, transform), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ImageSamples(samples, transform), batch_size=batch_size, num_workers=num_workers)
     correct = 0
     for images, labels in loader:
         image_features = F.normalize(model.encode_image(images.to(device)), dim=-1)

@@ -95,8 +95,14 @@ def xtail_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, tok
     tokenized prompts ([classes * templates, context], class-major, see ``class_tokens``)."""
     image_features = F.normalize(model.encode_image(images), dim=-1)
     text_features = class_text_features(model, tokens, templates_per_class)
-    scale = model.logit_scale.exp()
+    return xtail_loss_from_features(image_features, text_features, model.logit_scale.exp(), labels, num_seen)
 
+
+def xtail_loss_from_features(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                             labels: torch.Tensor, num_seen: int) -> torch.Tensor:
+    """``xtail_loss`` from unit image features [B, dim], unit class text features [classes, dim]
+    (see ``class_text_features``) and the exponentiated logit scale: for an engine that has to
+    run the model's own forward (DeepSpeed), which returns exactly these."""
     # image -> text over [seen | current]; the seen columns are masked, so they need no features.
     current = scale * image_features @ text_features.t()
     seen = current.new_full((current.shape[0], num_seen), float("-inf"))
