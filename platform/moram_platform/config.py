@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A job config is invalid; the message starts with the key path at fault."""
 
 
+# moram.* keys a benchmark fills in when the config leaves them out (moram's own defaults are
+# LLM attention projections). X-TAIL: both CLIP towers' q, k, v, out and MLP c_fc, c_proj.
+BENCHMARK_MORAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "xtail": {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]},
+}
+
+
 # -- sections --------------------------------------------------------------------------------
 @dataclass
 class RunSection:
@@ -131,7 +138,7 @@ class JobConfig:
     # -- derived ---------------------------------------------------------------------------
     @property
     def moram_config(self) -> MoRAMConfig:
-        return MoRAMConfig.from_dict(self.moram)
+        return MoRAMConfig.from_dict({**BENCHMARK_MORAM_DEFAULTS.get(self.benchmark, {}), **self.moram})
 
     def epochs_for(self, task_index: int) -> int | None:
         """Epochs of task ``task_index``; None: as many as ``train.max_steps`` needs."""
@@ -166,6 +173,15 @@ class JobConfig:
             config.model.cache_dir = _absolute(config.model.cache_dir)
         if Path(config.model.source).expanduser().exists():
             config.model.source = _absolute(config.model.source)
+        if config.model.source.startswith("local-dir:"):  # an open_clip model folder
+            config.model.source = "local-dir:" + _absolute(config.model.source.removeprefix("local-dir:"))
+        xtail = config.xtail
+        for key in ("split_dir", "cache_dir"):
+            if getattr(xtail, key):
+                setattr(xtail, key, _absolute(getattr(xtail, key)))
+        if xtail.pretrained and Path(xtail.pretrained).expanduser().exists():  # a file, not a tag
+            xtail.pretrained = _absolute(xtail.pretrained)
+        xtail.domain_sources = {name: _absolute(source) for name, source in xtail.domain_sources.items()}
         config.mlflow.tracking_uri = config.tracking_uri()
         return config
 

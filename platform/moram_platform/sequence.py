@@ -126,7 +126,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
                       parent_run_id=parent_mlflow_run)
     tags = {"moram.method": config.moram_config.method, "moram.model": model_ref[0],
             "moram.order": ",".join(config.data.tasks), "moram.registry": registry.uri,
-            "moram.benchmark": config.benchmark, "moram.eval_profile": config.eval.profile}
+            "moram.benchmark": config.benchmark, "moram.eval_profile": eval_profile(config)}
     parent, resumed = tracker.start_sequence(config.to_dict(), tags)
     if not resumed:
         tracker.log_text(parent, yaml.safe_dump(config.to_dict(), sort_keys=False), "resolved_config.yaml")
@@ -157,7 +157,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     except BaseException:
         tracker.finish(parent, status="FAILED")
         raise
-    summary = _summary(config.benchmark, matrix, baseline) if len(matrix) == len(tasks) else {}
+    summary = _summary(config.benchmark, matrix, baseline, tasks) if len(matrix) == len(tasks) else {}
     if summary:
         tracker.log_metrics(parent, summary)
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
@@ -185,7 +185,7 @@ def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str):
 
 def _evaluation_row(config: JobConfig, registry: Registry, run_id: str, version: int) -> list[float]:
     """Scores of ``version`` on every task of the order; computed once, recorded in the registry."""
-    profile = config.eval.profile
+    profile = eval_profile(config)
     record = read_evaluation(registry, run_id, version, profile)
     if record is None:
         scores = _evaluate_remote(config, run_id, version)
@@ -247,9 +247,31 @@ SUMMARY_KEYS = {
 }
 
 
-def _summary(benchmark: str, matrix: list[list[float]], baseline: list[float] | None) -> dict[str, float]:
+def eval_profile(config: JobConfig) -> str:
+    """The evaluation profile scores are recorded under: TRACE's configured one; X-TAIL has one."""
+    return "xtail-union" if config.benchmark == "xtail" else config.eval.profile
+
+
+def _summary(benchmark: str, matrix: list[list[float]], baseline: list[float] | None,
+             tasks: list[str]) -> dict[str, float]:
     values = summarize(matrix, baseline=baseline)
-    return {name: values[key] for key, name in SUMMARY_KEYS[benchmark].items() if key in values}
+    summary = {name: values[key] for key, name in SUMMARY_KEYS[benchmark].items() if key in values}
+    if benchmark == "xtail":
+        summary.update(xtail_per_task(matrix, tasks))
+    return summary
+
+
+def xtail_per_task(matrix: list[list[float]], tasks: list[str]) -> dict[str, float]:
+    """X-TAIL's metrics per domain j (DESIGN.md, before the mean over domains): transfer/<j> =
+    mean_{i<j} R[i][j] (none for the first domain), average/<j> = mean_i R[i][j], last/<j> = R[T][j]."""
+    values: dict[str, float] = {}
+    for j, task in enumerate(tasks):
+        column = [row[j] for row in matrix]
+        if j > 0:
+            values[f"transfer/{task}"] = sum(column[:j]) / j
+        values[f"average/{task}"] = sum(column) / len(column)
+        values[f"last/{task}"] = column[-1]
+    return values
 
 
 def _find_version(registry: Registry, run_id: str, number: int):
