@@ -1,0 +1,310 @@
+"""X-TAIL on the platform: open_clip models, image-folder domains, the union label space.
+
+The Benchmark protocol (``moram_platform.benchmark``) over this package's building blocks, so
+that ``jobs/xtail.py`` runs on the same spine as TRACE (Ray Train workers, registry, MLflow):
+
+* a task is a domain (``data.tasks``, in training order); its training set is the saved
+  few-shot split (``xtail.shots``, ``xtail.split_seed``), drawn once and reused on every rerun;
+* a training step is ``xtail_loss``: image -> text over [seen | current] classes with the seen
+  ones masked, plus text -> image, through the model's own forward (DeepSpeed needs that);
+* a domain's score is its test accuracy (0-100) when every image is classified among the
+  classes of *all* domains of ``data.tasks`` (no domain id at test time), profile "xtail-union".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import open_clip
+import torch
+from torch import nn
+
+from ..config import ConfigError, JobConfig
+from .backbone import _resolve_pretrained, load_backbone, register_model_config
+from .data import Domain, ImageSamples, load_domain
+from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
+from .train import xtail_loss_from_features
+
+logger = logging.getLogger(__name__)
+
+PROFILE = "xtail-union"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what load_backbone takes as weights
+
+
+@dataclass
+class XTailProcessor:
+    """What goes with the model: open_clip's tokenizer and its train / eval image transforms."""
+
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    train_transform: Callable
+    eval_transform: Callable
+    _tokens: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def class_tokens(self, domain: Domain) -> torch.Tensor:
+        """The domain's prompts, tokenized once ([classes * templates, context])."""
+        if domain.name not in self._tokens:
+            self._tokens[domain.name] = class_tokens(self.tokenizer, domain)
+        return self._tokens[domain.name]
+
+
+class XTailBenchmark:
+    name = "xtail"
+
+    def __init__(self):
+        self._domains: dict[str, Domain] = {}
+        self._text: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _TextCache
+
+    # -- checks, before Ray starts ---------------------------------------------------------
+    def validate(self, config: JobConfig) -> None:
+        _check_config(config)
+        check_backbone(config)
+        for name in config.data.tasks:  # opens every image the run will read; writes nothing yet
+            _load_domain(config, name, verify_images=True, save_split=False)
+        for name in config.data.tasks:  # all good: newly drawn splits are saved (the same draw)
+            self._domains[name] = _load_domain(config, name, verify_images=False)
+
+    # -- model -----------------------------------------------------------------------------
+    def load_model(self, config: JobConfig) -> tuple[nn.Module, XTailProcessor]:
+        _register_model_config(config)
+        backbone = load_backbone(config.model.source, config.xtail.pretrained,
+                                 allow_random_init=config.xtail.allow_random_init, init_seed=config.run.seed,
+                                 cache_dir=config.model.cache_dir)
+        return _without_scalar_parameters(backbone.model), XTailProcessor(
+            backbone.tokenizer, backbone.train_transform, backbone.eval_transform)
+
+    def model_ref(self, config: JobConfig) -> tuple[str, str | None]:
+        source, pretrained = config.model.source, config.xtail.pretrained
+        folder = _local_dir(source)
+        if folder is not None and _has_weights(folder):
+            model_id, revision = f"open_clip:{source}", _fingerprint(*_weight_files(folder))
+        elif pretrained is None:  # random init: the architecture and the seed make the weights
+            _register_model_config(config)
+            architecture = json.dumps(open_clip.get_model_config(source) or {}, sort_keys=True)
+            model_id = f"open_clip:{source} (random init, seed {config.run.seed})"
+            revision = hashlib.sha256(f"{architecture}|{config.run.seed}".encode()).hexdigest()[:16]
+        elif Path(pretrained).is_file():
+            model_id, revision = f"open_clip:{source} ({Path(pretrained).name})", _fingerprint(Path(pretrained))
+        else:
+            model_id, revision = f"open_clip:{source} pretrained={pretrained}", None
+        return config.model.id or model_id, revision
+
+    # -- training --------------------------------------------------------------------------
+    def domain(self, config: JobConfig, name: str) -> Domain:
+        """A domain of the run, loaded once per process (the driver already checked its images)."""
+        if name not in self._domains:
+            self._domains[name] = _load_domain(config, name, verify_images=False)
+        return self._domains[name]
+
+    def train_examples(self, config: JobConfig, task: str) -> list[tuple[Path, int]]:
+        return list(self.domain(config, task).train)
+
+    def num_seen(self, config: JobConfig, task: str) -> int:
+        """Classes of the domains trained before ``task``: in the label space, masked in the loss."""
+        before = config.data.tasks[: config.data.tasks.index(task)]
+        return sum(self.domain(config, name).num_classes for name in before)
+
+    def collate(self, config: JobConfig, processor: XTailProcessor, task: str,
+                examples: list[tuple[Path, int]]) -> dict[str, Any]:
+        domain = self.domain(config, task)
+        samples = ImageSamples(examples, processor.train_transform)
+        return {"images": torch.stack([samples[i][0] for i in range(len(samples))]),
+                "labels": torch.tensor([label for _, label in examples]),
+                "tokens": processor.class_tokens(domain),
+                "templates_per_class": len(domain.templates),
+                "num_seen": self.num_seen(config, task)}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """``xtail_loss`` through ``model(image=, text=)``: the engine's forward, which DeepSpeed
+        needs to run (its ZeRO hooks), instead of the encoders called one by one."""
+        dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 casts the model, not the batch
+        image_features, prompt_features, scale = _clip_outputs(model(image=batch["images"].to(dtype),
+                                                                     text=batch["tokens"]))
+        text_features = mean_over_templates(prompt_features.float(), batch["templates_per_class"])
+        return xtail_loss_from_features(image_features.float(), text_features, scale.float(), batch["labels"],
+                                        batch["num_seen"])
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, config: JobConfig, model: nn.Module, processor: XTailProcessor, task: str,
+                 progress: bool = True) -> dict[str, Any]:
+        """Accuracy on ``task``'s test images (``data.max_eval_examples`` caps them, evenly spread
+        over the sorted list), each classified among the classes of every domain of the run."""
+        domains = [self.domain(config, name) for name in config.data.tasks]
+        index = config.data.tasks.index(task)
+        samples = capped(domains[index].test, config.data.max_eval_examples)
+        was_training = model.training
+        model.eval()  # δ applies
+        try:
+            text = self._union_text(model, processor, domains)
+            offset = sum(domain.num_classes for domain in domains[:index])
+            correct = count_correct(model, samples, text, offset, processor.eval_transform, config.eval.batch_size)
+        finally:
+            model.train(was_training)
+        return {"task": task, "metric": "accuracy", "score": 100.0 * correct / len(samples), "n": len(samples),
+                "correct": correct, "classes": int(text.shape[0]), "profile": PROFILE}
+
+    def _union_text(self, model: nn.Module, processor: XTailProcessor, domains: Sequence[Domain]) -> torch.Tensor:
+        """The union label space's text features, computed once per model state: the next task's
+        evaluation of the same model reuses them; any change to the model recomputes them."""
+        names = tuple(domain.name for domain in domains)
+        cached = self._text.get(model)
+        if cached is None or not cached.matches(model, names):
+            cached = _TextCache(names, _state_of(model), union_text_features(model, domains, processor.tokenizer))
+            self._text[model] = cached
+        return cached.features
+
+
+# -- the text-feature cache ----------------------------------------------------------------------
+@dataclass
+class _TextCache:
+    domains: tuple[str, ...]
+    state: list
+    features: torch.Tensor
+
+    def matches(self, model: nn.Module, domains: tuple[str, ...]) -> bool:
+        return domains == self.domains and _same_state(self.state, _state_of(model))
+
+
+def _state_of(model: nn.Module) -> list:
+    """Everything text features depend on: each parameter (the same object, storage and in-place
+    version) and the routing knobs (k, τ, δ) of every MoRAM layer."""
+    parameters = [(weakref.ref(p), p.data_ptr(), p._version) for p in model.parameters()]
+    routing = [(m.k, m.tau, m.delta) for m in model.modules() if all(hasattr(m, a) for a in ("k", "tau", "delta"))]
+    return [parameters, routing]
+
+
+def _same_state(old: list, new: list) -> bool:
+    (old_params, old_routing), (new_params, new_routing) = old, new
+    return old_routing == new_routing and len(old_params) == len(new_params) and all(
+        a[0]() is not None and a[0]() is b[0]() and a[1:] == b[1:] for a, b in zip(old_params, new_params))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _without_scalar_parameters(model: nn.Module) -> nn.Module:
+    """0-dim parameters (CLIP's logit_scale, SigLIP's logit_bias) as shape [1], same values:
+    DeepSpeed broadcasts every parameter as bytes at start-up, which a 0-dim tensor cannot be
+    viewed as. Every use of them broadcasts, so nothing else changes."""
+    for name, parameter in list(model.named_parameters()):
+        if parameter.dim() == 0:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attribute, nn.Parameter(parameter.detach().reshape(1),
+                                                   requires_grad=parameter.requires_grad))
+    return model
+
+
+def capped(samples: Sequence, limit: int | None) -> list:
+    """At most ``limit`` samples, evenly spaced over the list (every class keeps its share)."""
+    if limit is None or limit >= len(samples):
+        return list(samples)
+    return [samples[i * len(samples) // limit] for i in range(limit)]
+
+
+def _clip_outputs(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unit image features, unit prompt features, exp(logit scale)) of an open_clip forward."""
+    if isinstance(output, dict):
+        return output["image_features"], output["text_features"], output["logit_scale"]
+    return output[0], output[1], output[2]
+
+
+def domain_source(config: JobConfig, name: str) -> str:
+    """xtail.domain_sources[name], else <data.root>/<name> (a folder or s3:// prefix)."""
+    if name in config.xtail.domain_sources:
+        return config.xtail.domain_sources[name]
+    root = config.data.root
+    return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
+
+
+def _load_domain(config: JobConfig, name: str, verify_images: bool, save_split: bool = True) -> Domain:
+    xtail = config.xtail
+    return load_domain(name, domain_source(config, name), shots=xtail.shots, seed=xtail.split_seed,
+                       templates=xtail.templates.get(name), split_dir=xtail.split_dir, cache_dir=xtail.cache_dir,
+                       verify_images=verify_images, save_split=save_split)
+
+
+def _check_config(config: JobConfig) -> None:
+    xtail, tasks = config.xtail, config.data.tasks
+    if config.model.dtype != "float32":
+        raise ConfigError(f"model.dtype: X-TAIL loads open_clip weights in float32 (train.precision=bf16 "
+                          f"trains in bf16), got {config.model.dtype!r}")
+    if config.data.max_train_examples is not None:
+        raise ConfigError("data.max_train_examples: not used by X-TAIL, whose training set is the few-shot "
+                          "split; set xtail.shots instead")
+    for key in ("domain_sources", "templates"):
+        unknown = sorted(set(getattr(xtail, key)) - set(tasks))
+        if unknown:
+            raise ConfigError(f"xtail.{key}: names domains that are not in data.tasks: {unknown}")
+    for name, templates in xtail.templates.items():
+        if not templates:
+            raise ConfigError(f"xtail.templates.{name}: must list at least one template")
+
+
+def check_backbone(config: JobConfig) -> None:
+    """What ``load_backbone`` would refuse, without building the model; errors name the key."""
+    source, xtail = config.model.source, config.xtail
+    _register_model_config(config)
+    if source.startswith("hf-hub:"):
+        raise ConfigError(f"model.source: {source!r}: 'hf-hub:' models are downloaded by open_clip and this "
+                          f"platform never downloads; save the model and use 'local-dir:<folder>'")
+    folder = _local_dir(source)
+    if folder is not None:
+        if not folder.is_dir():
+            raise ConfigError(f"model.source: folder {folder} does not exist")
+        if xtail.pretrained is not None:
+            raise ConfigError(f"xtail.pretrained: a 'local-dir:' model takes its weights from its folder; "
+                              f"{xtail.pretrained!r} would be ignored")
+        random_init = not _has_weights(folder)
+    elif source not in open_clip.list_models():
+        raise ConfigError(f"model.source: {source!r} is not an open_clip model (e.g. ViT-B-16); define a new "
+                          f"architecture with xtail.model_config")
+    else:
+        random_init = xtail.pretrained is None
+    if random_init and not xtail.allow_random_init:
+        raise ConfigError(f"xtail.pretrained: no pretrained weights for {source!r}; set xtail.pretrained to a "
+                          f"cached open_clip tag or a checkpoint file, or set xtail.allow_random_init=true to "
+                          f"train a randomly initialised model (tests and benchmarks only)")
+    if random_init:
+        logger.warning("model %s is randomly initialised (xtail.allow_random_init): its accuracies say "
+                       "nothing about CLIP", source)
+    elif folder is None:
+        try:
+            _resolve_pretrained(source, xtail.pretrained, config.model.cache_dir)
+        except FileNotFoundError as error:
+            raise ConfigError(f"xtail.pretrained: {error}") from None
+
+
+def _register_model_config(config: JobConfig) -> None:
+    """xtail.model_config becomes loadable as model.source (in every process that builds it)."""
+    if config.xtail.model_config is None:
+        return
+    try:
+        register_model_config(config.model.source, config.xtail.model_config)
+    except ValueError as error:
+        raise ConfigError(f"xtail.model_config: {error}") from None
+
+
+def _local_dir(source: str) -> Path | None:
+    return Path(source.removeprefix("local-dir:")) if source.startswith("local-dir:") else None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and bool(_weight_files(folder))
+
+
+def _fingerprint(*files: Path) -> str:
+    """A short content hash of weight files (the base model's revision in the registry)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
