@@ -66,6 +66,16 @@ def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".moram" / "stack").expanduser()
 
 
+def ray_temp_dir(state_dir: Path) -> Path:
+    """Ray's session files for a stack. Its Unix sockets need a short path, so a long state dir
+    gets one in the temp folder, named after the state dir (the same one after a restart)."""
+    inside = Path(state_dir) / "ray"
+    if len(str(inside)) <= 40:
+        return inside
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"moram-ray-{digest}"
+
+
 # -- processes -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Process:
@@ -189,13 +199,7 @@ class LocalStack:
 
     @property
     def ray_temp_dir(self) -> Path:
-        """Ray's session files. Its Unix sockets need a short path, so a long state dir gets one
-        in the temp folder, named after the state dir (the same one after a restart)."""
-        inside = self.state_dir / "ray"
-        if len(str(inside)) <= 40:
-            return inside
-        digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"moram-ray-{digest}"
+        return ray_temp_dir(self.state_dir)
 
     def public_env(self) -> dict[str, str]:
         """The environment for jobs and clients, without the S3 keys."""
@@ -284,6 +288,7 @@ class LocalStack:
         try:
             server.start(env=s3, base_env=self._base_env())
         except (RuntimeError, TimeoutError) as error:
+            server.stop()   # its process group: a worker of a server that died must not linger
             raise StackError(f"MLflow did not start: {error}") from None
         self._record("mlflow", server.pid)
         server.log.close()   # the server keeps its own handle
