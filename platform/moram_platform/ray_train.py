@@ -55,10 +55,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             result = train_task(config, benchmark, loop["task_index"], shards, world, checkpoint_dir=folder,
-                                on_step=on_step, on_checkpoint=on_checkpoint)
+                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=loop["progress"])
     else:
         result = train_task(config, benchmark, loop["task_index"], shards, world,
-                            on_step=on_step, on_checkpoint=on_checkpoint)
+                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=loop["progress"])
     metrics = result.metrics()
     if checkpoint is not None:
         metrics["resumed_from_step"] = result.resumed_from_step
@@ -103,8 +103,8 @@ class _StepLogger:
 
 
 def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: int | None,
-             base_model: tuple[str, str | None], mlflow_run_id: str | None) -> dict[str, Any]:
-    """Train one task with Ray Train and return rank 0's final metrics (incl. the new version)."""
+             base_model: tuple[str, str | None], mlflow_run_id: str | None, progress: bool = True) -> None:
+    """Train one task with Ray Train; rank 0 commits the new version to the registry."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -117,7 +117,7 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
             "config": config.to_dict(), "run_id": run_id, "task_index": task_index,
             "parent_version": parent_version, "registry_uri": config.registry_uri(),
             "base_model": list(base_model), "tracking_uri": config.tracking_uri(), "mlflow_run_id": mlflow_run_id,
-            "fault_at_step": os.environ.get(FAULT_ENV),
+            "fault_at_step": os.environ.get(FAULT_ENV), "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
@@ -131,4 +131,3 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.metrics or {})

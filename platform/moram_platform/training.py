@@ -130,7 +130,7 @@ def train_task(
 
     epochs = config.epochs_for(task_index)
     model.train()
-    bar = _progress_bar(progress_bar and world.is_chief, total_steps, task)
+    bar = _progress_bar(progress_bar and world.is_chief, total_steps, progress.step, task)
     done = False
     step_losses: list[float] = []
     while (epochs is None or progress.epoch < epochs) and not done:
@@ -283,9 +283,9 @@ def _single_process_group(device: torch.device) -> None:
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def _progress_bar(enabled: bool, total_steps: int, task: str):
+def _progress_bar(enabled: bool, total_steps: int, done_steps: int, task: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total_steps, desc=f"train {task}", unit="step", dynamic_ncols=True)
+    return tqdm(total=total_steps, initial=done_steps, desc=f"train {task}", unit="step", dynamic_ncols=True)

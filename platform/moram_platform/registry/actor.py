@@ -79,6 +79,8 @@ def get_registry_actor(uri: str, run_id: str, *, namespace: str = NAMESPACE, max
         max_restarts=max_restarts, max_task_retries=max_task_retries,
         max_concurrency=4,  # reads need not queue behind a commit; storage arbitrates commits
         num_cpus=0,         # it waits on I/O; the CPUs belong to the train workers
+        # A detached actor must outlive the caller's placement group (a Tune trial's, say).
+        scheduling_strategy="DEFAULT",
     )
     handle = remote.remote(uri, run_id)
     served = ray.get(handle.describe.remote())["uri"]
