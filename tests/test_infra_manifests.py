@@ -215,12 +215,16 @@ def test_dockerfile_pins_torch_first_then_the_project_with_constraints():
     assert stack_pins["ray"] == ray.__version__ and "torch" not in stack_pins
 
 
-def test_dockerfile_copies_only_what_exists():
+def test_dockerfile_copies_only_what_exists_and_its_context_lets_through():
+    ignore = DOCKERFILE.with_name("Dockerfile.dockerignore").read_text().splitlines()
+    let_through = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore                                   # everything else stays out (.venv, .git, data)
     for op, arg in _dockerfile_instructions():
         if op == "COPY":
             sources = [word for word in arg.split() if not word.startswith("--")][:-1]
             for source in sources:
                 assert (PROJECT_ROOT / source).exists(), f"{DOCKERFILE}: COPY {source}: not in the repository"
+                assert source in let_through, f"{DOCKERFILE}: COPY {source}: excluded by Dockerfile.dockerignore"
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
