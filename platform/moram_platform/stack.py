@@ -119,8 +119,8 @@ def _stat(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else fields
+    fields = text[text.rfind(")") + 2:].split()
+    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields
 
 
 def _start_time(pid: int) -> int | None:
@@ -345,17 +345,24 @@ class LocalStack:
         return True
 
     def _stop_all(self, timeout: float = 60.0) -> list[str]:
-        stopped = []
+        """Stop every recorded service, each even if stopping another failed."""
+        stopped, errors = [], []
         for name in reversed(SERVICES):
             process = self._process(name)
             if process is None:
                 continue
-            if process.alive() or process.group():
-                # ``ray start --block`` drains the node and stops its own children on SIGTERM.
-                process.stop(timeout, leader_only=(name == "ray"))
-                stopped.append(name)
+            try:
+                if process.alive() or process.group():
+                    # ``ray start --block`` drains the node and stops its own children on SIGTERM.
+                    process.stop(timeout, leader_only=(name == "ray"))
+                    stopped.append(name)
+            except OSError as error:
+                errors.append(f"{name} (pid {process.pid}): {error}")
+                continue
             self.state["processes"].pop(name)
             self._write_state()
+        if errors:
+            raise StackError(f"could not stop {'; '.join(errors)}; their ids stay in {self.state_file}")
         return stopped
 
     # -- state -------------------------------------------------------------------------------
