@@ -312,7 +312,7 @@ class LocalStack:
         # The head's environment is what jobs and their workers inherit: registry, MLflow, S3 keys.
         env = {**self._base_env(), **RAY_ENV, **self.public_env(),
                "AWS_ACCESS_KEY_ID": keys["access_key"], "AWS_SECRET_ACCESS_KEY": keys["secret_key"],
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
+               "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}   # ray-head.log as it happens
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):   # the head is not a client of itself
             env.pop(key)
         self.ray_temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -322,7 +322,9 @@ class LocalStack:
                                        env=env, cwd=self.state_dir, start_new_session=True)
         self._record("ray", process.pid)
         deadline = time.monotonic() + timeout
-        while not _http_ok(f"{self.dashboard_url}/api/jobs/"):
+        # Ready = the head node is registered and alive (the dashboard answers before the raylet
+        # has started, and before a failing `ray start` gives up) and the job API answers.
+        while not (self._head_node_alive() and _http_ok(f"{self.dashboard_url}/api/jobs/")):
             if process.poll() is not None:
                 raise StackError(f"ray start exited with code {process.returncode}; log {log_path}:\n"
                                  f"{_tail(log_path)}")
@@ -331,11 +333,19 @@ class LocalStack:
                                  f"log {log_path}:\n{_tail(log_path)}")
             time.sleep(0.5)
 
+    def _head_node_alive(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes", timeout=5) as response:
+                nodes = json.loads(response.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return any(node.get("state") == "ALIVE" for node in nodes)
+
     def _healthy(self, name: str) -> bool:
         if name == "mlflow":
             return _http_ok(f"{self.mlflow_uri}/health")
         if name == "ray":
-            return _http_ok(f"{self.dashboard_url}/api/version")
+            return self._head_node_alive()
         try:   # any HTTP answer from the S3 gateway (it refuses anonymous calls) means it is up
             urllib.request.urlopen(self.s3_endpoint, timeout=2).close()
         except urllib.error.HTTPError:
