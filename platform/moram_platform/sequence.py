@@ -140,10 +140,10 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     try:
         for index, task in enumerate(tasks):
             child, finished = tracker.task_run(index, task)
-            version = _find_version(registry, run_id, index + 1)
+            version = _committed(actor, index + 1)      # the run's registry actor: storage's view
             if version is None:
                 trained.append(task)
-                version = _train(config, run_id, index, model_ref, child)
+                version = _train(config, run_id, index, model_ref, child, progress)
             row = _evaluation_row(config, registry, run_id, version.version)
             matrix.append(row)
             versions.append(version.version)
@@ -167,13 +167,13 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
 
 
 # -- steps ---------------------------------------------------------------------------------------
-def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str):
+def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str, progress: bool):
     from .ray_train import fit_task
 
     registry = Registry(config.registry_uri())
     parent = index if index > 0 else None
     started = time.perf_counter()
-    fit_task(config, run_id, index, parent, model_ref, child)
+    fit_task(config, run_id, index, parent, model_ref, child, progress)
     version = _find_version(registry, run_id, index + 1)
     if version is None:
         raise RegistryError(f"run {run_id}: task {config.data.tasks[index]} finished training "
@@ -200,7 +200,8 @@ def _evaluate_remote(config: JobConfig, run_id: str, version: int) -> dict[str, 
 
     scaling = config.scaling
     options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0}
-    remote = ray.remote(evaluate_version_task).options(**options, max_retries=2)
+    # DEFAULT: outside any placement group this process runs in (a Tune trial's would capture it).
+    remote = ray.remote(evaluate_version_task).options(**options, max_retries=2, scheduling_strategy="DEFAULT")
     return ray.get(remote.remote(config.to_dict(), config.registry_uri(), run_id, version or None,
                                  config.data.tasks))
 
@@ -272,6 +273,13 @@ def xtail_per_task(matrix: list[list[float]], tasks: list[str]) -> dict[str, flo
         values[f"average/{task}"] = sum(column) / len(column)
         values[f"last/{task}"] = column[-1]
     return values
+
+
+def _committed(actor, number: int):
+    """Version ``number`` if it is committed, else None, asked through the run's registry actor."""
+    import ray
+
+    return None if number not in ray.get(actor.versions.remote()) else ray.get(actor.version.remote(number))
 
 
 def _find_version(registry: Registry, run_id: str, number: int):
