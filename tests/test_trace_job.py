@@ -141,14 +141,18 @@ def test_ray_job_submit_to_a_running_cluster(tmp_path, s3_server, mlflow_server)
     try:
         wait_for_dashboard(dashboard, head)
         run_name = f"submit-{uuid.uuid4().hex[:6]}"
-        job = subprocess.run(
+        submit = (
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", f"--working-dir={PROJECT_ROOT}",
              "--", sys.executable, "jobs/trace.py", "--config", str(SMOKE.relative_to(PROJECT_ROOT)), "--run-name", run_name,
              "--quiet", *[f"--set={o}" for o in SHORT], "--set=data.tasks=[FOMC]", "--set=scaling.num_workers=1",
              "--set=data.max_train_examples=4", "--set=eval.baseline=false",
              f"--set=registry.uri=s3://moram-tests/{run_name}", f"--set=mlflow.tracking_uri={mlflow_server.uri}",
-             f"--set=run.output_dir={tmp_path}"],
-            env=env, capture_output=True, text=True, timeout=1200)
+             f"--set=run.output_dir={tmp_path}"])
+        for _ in range(6):  # the head's job agent registers a little after its dashboard answers
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower() + job.stderr.lower()
         assert f"== {run_name} ==" in job.stdout
