@@ -19,6 +19,7 @@ pytest_plugins = [
     "fixtures.models",
     "fixtures.s3",
     "fixtures.mlflow_server",
+    "fixtures.ray_runtime",
     "fixtures.images",
     "fixtures.smollm2",
     "fixtures.tiny_lm",

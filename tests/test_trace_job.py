@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -31,17 +30,6 @@ SHORT = [  # small enough for 2 CPU cores, big enough to train every layer's ato
     "data.max_prompt_tokens=96", "train.global_batch_size=4", "train.micro_batch_size=2",
     "eval.max_new_tokens=4", "eval.batch_size=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """Ray in this process, started after the S3 credentials are in the environment so that
-    workers and the registry actor inherit them."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def job_config(tmp_path, mlflow_server, *overrides):

@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from fixtures.images import copy_domain
 from fixtures.paths import PROJECT_ROOT
@@ -42,17 +41,6 @@ def smoke_config(domains: dict[str, Path], *overrides):
 
 
 # -- the sequence on the platform spine (slow) -------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """Ray in this process, started after the S3 credentials are in the environment so that
-    workers and the registry actor inherit them."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def xtail_run(xtail_image_domains, tmp_path_factory, s3_server, mlflow_server, ray_cluster):
     out = tmp_path_factory.mktemp("xtail-job")
