@@ -73,6 +73,11 @@ def model_fingerprint(source: str | os.PathLike) -> str:
     """A short content hash of a GGUF file or a folder's weight files (the base model revision)."""
     folder, gguf_file = resolve_model_source(source)
     files = [folder / gguf_file] if gguf_file else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return files_fingerprint(*files)
+
+
+def files_fingerprint(*files: Path) -> str:
+    """sha256 over the files' bytes, in order, shortened to 16 hex digits."""
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as handle:

@@ -24,6 +24,8 @@ import open_clip
 import torch
 from torch import nn
 
+from moram.loading import files_fingerprint
+
 from ..config import ConfigError, JobConfig
 from .backbone import _resolve_pretrained, load_backbone, register_model_config
 from .data import Domain, ImageSamples, load_domain
@@ -81,14 +83,14 @@ class XTailBenchmark:
         source, pretrained = config.model.source, config.xtail.pretrained
         folder = _local_dir(source)
         if folder is not None and _has_weights(folder):
-            model_id, revision = f"open_clip:{source}", _fingerprint(*_weight_files(folder))
+            model_id, revision = f"open_clip:{source}", files_fingerprint(*_weight_files(folder))
         elif pretrained is None:  # random init: the architecture and the seed make the weights
             _register_model_config(config)
             architecture = json.dumps(open_clip.get_model_config(source) or {}, sort_keys=True)
             model_id = f"open_clip:{source} (random init, seed {config.run.seed})"
             revision = hashlib.sha256(f"{architecture}|{config.run.seed}".encode()).hexdigest()[:16]
         elif Path(pretrained).is_file():
-            model_id, revision = f"open_clip:{source} ({Path(pretrained).name})", _fingerprint(Path(pretrained))
+            model_id, revision = f"open_clip:{source} ({Path(pretrained).name})", files_fingerprint(Path(pretrained))
         else:
             model_id, revision = f"open_clip:{source} pretrained={pretrained}", None
         return config.model.id or model_id, revision
@@ -298,13 +300,3 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and bool(_weight_files(folder))
-
-
-def _fingerprint(*files: Path) -> str:
-    """A short content hash of weight files (the base model's revision in the registry)."""
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
