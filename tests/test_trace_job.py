@@ -136,7 +136,7 @@ def test_ray_job_submit_to_a_running_cluster(tmp_path, s3_server, mlflow_server)
              "--set=data.max_train_examples=4", "--set=eval.baseline=false",
              f"--set=registry.uri=s3://moram-tests/{run_name}", f"--set=mlflow.tracking_uri={mlflow_server.uri}",
              f"--set=run.output_dir={tmp_path}"])
-        for _ in range(6):  # the head's job agent registers a little after its dashboard answers
+        for _ in range(36):  # the head's job agent registers a while after its dashboard answers (3 min max)
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
             if "No available agent" not in job.stdout + job.stderr:
                 break
