@@ -195,20 +195,24 @@ def _absolute(location: str) -> str:
 # -- loading ---------------------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML config (or the defaults), apply ``key.path=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     for override in overrides or []:
         apply_override(raw, override)
     return config_from_dict(raw)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ``error`` names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as problem:
+        raise error(f"{what} {path}: not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path}: the top level must be a mapping")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, JobConfig, apply_override, config_from_dict
+from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
 
 SPACES = ("loguniform", "uniform", "choice", "randint", "grid")
 ALGORITHMS = ("optuna", "random")
@@ -271,15 +271,7 @@ TOP_LEVEL = ("base_config", "trial_overrides", "params", "search", "scheduler", 
 
 def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSpace:
     """Read and check a space file; ``overrides`` are ``key.path=value`` edits (``search.num_samples=4``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"space file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise SpaceError(f"space file {path}: not valid YAML ({error})") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"space file {path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path, "space file", SpaceError)
     for override in overrides or []:
         try:
             apply_override(raw, override)
