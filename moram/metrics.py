@@ -28,6 +28,7 @@ __all__ = [
     "validate_matrix",
     "xtail_average",
     "xtail_last",
+    "xtail_per_domain",
     "xtail_transfer",
 ]
 
@@ -154,6 +155,23 @@ def xtail_last(R: Matrix) -> float:
     """X-TAIL Last = mean of the final row of R (the same number as OP)."""
     R = validate_matrix(R)
     return _mean(R[-1])
+
+
+def xtail_per_domain(R: Matrix, tasks: Sequence[str]) -> dict[str, float]:
+    """X-TAIL's metrics per domain j, before the mean over domains (DESIGN.md, Metrics):
+    ``transfer/<j>`` = mean_{i<j} R[i][j] (none for the first domain), ``average/<j>`` =
+    mean_i R[i][j], ``last/<j>`` = R[T][j]."""
+    R = validate_matrix(R)
+    if len(tasks) != len(R):
+        raise ValueError(f"tasks: {len(tasks)} names for a {len(R)}x{len(R)} matrix")
+    values: dict[str, float] = {}
+    for j, task in enumerate(tasks):
+        column = [row[j] for row in R]
+        if j > 0:
+            values[f"transfer/{task}"] = _mean(column[:j])
+        values[f"average/{task}"] = _mean(column)
+        values[f"last/{task}"] = column[-1]
+    return values
 
 
 def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, float]:

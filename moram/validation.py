@@ -1,0 +1,51 @@
+"""One error format for every config in the project: ``key.path: message, got value``.
+
+Configs are pydantic v2 models (it reports every bad key at once); users see one line per
+bad key, each starting with the key's full dotted path, never a pydantic traceback.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+
+
+def error_lines(error: pydantic.ValidationError, prefix: str = "") -> list[str]:
+    """One ``key.path: message, got value`` line per problem pydantic found."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        path = ".".join(str(part) for part in problem["loc"] if not _is_union_branch(part))
+        key = f"{prefix}{path}" if path else (prefix.rstrip(".") or "config")
+        message = _message(problem)
+        lines.append(f"{key}: {message}{_got(problem)}")
+    return lines
+
+
+def format_errors(error: pydantic.ValidationError, prefix: str = "") -> str:
+    """Every problem of ``error``, one per line (the first line is the first bad key)."""
+    return "\n".join(error_lines(error, prefix))
+
+
+def _is_union_branch(part: Any) -> bool:
+    # pydantic names the branch of a union it tried (e.g. "int", "list[int]", "function-after[...]")
+    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool", "none"})
+
+
+def _message(problem: dict[str, Any]) -> str:
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(problem["msg"])
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _got(problem: dict[str, Any]) -> str:
+    if problem["type"] in ("missing",) or "input" not in problem:
+        return ""
+    value = problem["input"]
+    if isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f", got {text if len(text) <= 80 else text[:77] + '...'}"
