@@ -22,6 +22,7 @@ Matrix = Sequence[Sequence[float]]
 __all__ = [
     "average_performance",
     "backward_transfer",
+    "paper_forgetting",
     "forward_transfer",
     "reference_forgetting",
     "summarize",
@@ -107,6 +108,17 @@ def backward_transfer(R: Matrix) -> float:
     return _mean([R[-1][j] - R[j][j] for j in range(T - 1)])
 
 
+def paper_forgetting(R: Matrix) -> float:
+    """The MoRAM paper's Eq. 10 "BWT", forgetting-positive (lower is better):
+    1/(T-1) Σ_{j<T} (R[j][j] - R[T][j]) = -backward_transfer(R). The number in the paper's
+    tables; reported as ``BWT_eq10``. ``T = 1`` gives 0.0."""
+    R = validate_matrix(R)
+    T = len(R)
+    if T == 1:
+        return 0.0
+    return _mean([R[j][j] - R[-1][j] for j in range(T - 1)])
+
+
 def reference_forgetting(R: Matrix) -> float:
     """The reference MoRAM repo's forgetting, as a non-negative magnitude.
 
@@ -177,7 +189,8 @@ def xtail_per_domain(R: Matrix, tasks: Sequence[str]) -> dict[str, float]:
 def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, float]:
     """All metrics of ``R`` in one dict, under names that say which variant each is.
 
-    Keys: ``T``, ``OP``, ``BWT`` (signed, standard), ``reference_forgetting_magnitude``,
+    Keys: ``T``, ``OP``, ``BWT_signed`` (standard, negative = forgetting), ``BWT_eq10`` (the
+    paper's Eq. 10, forgetting-positive), ``reference_forgetting_magnitude``,
     ``xtail_transfer``, ``xtail_average``, ``xtail_last``, and ``FWT`` when ``baseline``
     is given.
     """
@@ -185,7 +198,8 @@ def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, f
     summary = {
         "T": len(R),
         "OP": average_performance(R),
-        "BWT": backward_transfer(R),
+        "BWT_signed": backward_transfer(R),
+        "BWT_eq10": paper_forgetting(R),
         "reference_forgetting_magnitude": reference_forgetting(R),
         "xtail_transfer": xtail_transfer(R),
         "xtail_average": xtail_average(R),

@@ -58,7 +58,8 @@ def test_summarize_names_each_variant():
     assert summary == pytest.approx({
         "T": 3,
         "OP": 205 / 3,
-        "BWT": -17.5,
+        "BWT_signed": -17.5,
+        "BWT_eq10": 17.5,   # (R11 - R31 + R22 - R32) / 2, forgetting-positive
         "reference_forgetting_magnitude": 35 / 3,
         "FWT": 7.5,
         "xtail_transfer": 11.25,
@@ -107,7 +108,8 @@ def test_single_task():
     assert summarize(R, baseline=[10.0]) == {
         "T": 1,
         "OP": 42.0,
-        "BWT": 0.0,
+        "BWT_signed": 0.0,
+        "BWT_eq10": 0.0,
         "reference_forgetting_magnitude": 0.0,
         "FWT": 0.0,
         "xtail_transfer": 0.0,

@@ -241,10 +241,10 @@ def _log_matrix(tracker: Tracker, parent: str, tasks: list[str], matrix, baselin
 
 # What each benchmark reports (DESIGN.md, Metrics), under names that say which variant each is.
 SUMMARY_KEYS = {
-    "trace": {"OP": "OP", "BWT": "BWT_signed", "reference_forgetting_magnitude": "reference_forgetting_magnitude",
-              "FWT": "FWT"},
+    "trace": {"OP": "OP", "BWT_signed": "BWT_signed", "BWT_eq10": "BWT_eq10",
+              "reference_forgetting_magnitude": "reference_forgetting_magnitude", "FWT": "FWT"},
     "xtail": {"xtail_transfer": "transfer", "xtail_average": "average", "xtail_last": "last", "OP": "OP",
-              "BWT": "BWT_signed"},
+              "BWT_signed": "BWT_signed", "BWT_eq10": "BWT_eq10"},
 }
 
 
