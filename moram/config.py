@@ -1,12 +1,19 @@
-"""MoRAMConfig: every knob of the method, validated at construction."""
+"""MoRAMConfig: every knob of the method, validated at construction (pydantic v2).
+
+A bad value raises ``MoRAMConfigError`` with one ``key: message, got value`` line per bad key
+(``moram.validation.format_errors``); a config nested in a job config reports the same
+messages under its own prefix (``moram.tau: tau must be > 0, got -1``).
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-METHODS = ("moram", "seqlora", "inclora", "moelora")
+import pydantic
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .methods import METHODS
+from .validation import format_errors
 
 # Attention projections of LLaMA-family models (LLaMA, SmolLM2, Gemma, Qwen, Mistral).
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -16,109 +23,161 @@ class MoRAMConfigError(ValueError):
     """A config value is outside its allowed range; the message names the field."""
 
 
-@dataclass
-class MoRAMConfig:
-    """Configuration of MoRAM and of the baselines that share its layer.
+class MoRAMConfig(pydantic.BaseModel):
+    """Configuration of MoRAM and of the baselines that share its layer (``moram.methods``)."""
 
-    r: atoms added per task (rank of a task's update).
-    k: activation budget, top-k over all atoms (k_eff = min(max(k, 2), R)).
-    tau: softmax temperature of the routing.
-    delta: inference-time activation threshold (0 disables it).
-    target_modules: module-name suffixes (``"q_proj"`` matches ``...self_attn.q_proj``) or one
-        regular expression string matched against the full module name.
-    alpha: LoRA-style scale numerator; the update is scaled by alpha / r while a task trains
-        and the scale is baked into B when the task's atoms are frozen. Default 2r.
-    dropout: dropout on the layer input of the atom branch (training only).
-    method: "moram", or a baseline run through the same layer: "seqlora" (one rank-r adapter
-        trained on every task in turn), "inclora" (a new rank-r adapter per task, old ones
-        frozen, all summed), "moelora" (a rank-r expert per task mixed by a learned router).
-    prune_mass: post-pruning coverage, e.g. 0.99 keeps the smallest set of a task's atoms
-        carrying >= 99% of its activation mass; None disables pruning.
-    collect_stats: accumulate per-atom activation mass while a task trains (needed for pruning).
-    eps: floor of the L2 norm in Eq. 5.
-    seed: seeds the initialisation of each task's atoms (per task and layer), so every worker
-        of a data-parallel job builds the same fresh atoms.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    r: int = 8
-    k: int = 8
-    tau: float = 0.03
-    delta: float = 0.2
-    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_ATTENTION))
-    alpha: float | None = None
-    dropout: float = 0.1
-    method: str = "moram"
-    prune_mass: float | None = 0.99
-    collect_stats: bool = True
-    eps: float = 1e-6
-    seed: int = 0
+    r: int = Field(8, description="Atoms added per task per layer (the rank of a task's update).")
+    k: int = Field(8, description="Routing budget: top-k over all atoms, k_eff = min(max(k, 2), R) (Eq. 6).")
+    tau: float = Field(0.03, description="Softmax temperature of MoRAM's routing (Eq. 7).")
+    delta: float = Field(0.2, description="Inference-time activation threshold on normalised scores (Eq. 8); 0 disables it.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: list(LLAMA_ATTENTION),
+        description="Module-name suffixes to wrap (\"q_proj\" matches \"...self_attn.q_proj\"), or one regex matched against full names.")
+    alpha: float | None = Field(
+        None, description="LoRA-style scale numerator: a training block is scaled by alpha/r (baked into B at freeze). Default 2r.")
+    dropout: float = Field(0.1, description="Dropout on the layer input of the atom branch (training only).")
+    method: str = Field(
+        "moram", description="moram, or a baseline on the same layer: seqlora, inclora, moelora, olora (see moram.methods).")
+    prune_mass: float | None = Field(
+        0.99, description="Post-pruning coverage: keep the fewest atoms of a task carrying this share of its activation mass; null disables.")
+    collect_stats: bool = Field(True, description="Accumulate per-atom activation mass while a task trains (pruning needs it).")
+    eps: float = Field(1e-6, description="Floor of the L2 norm of the key responses (Eq. 5).")
+    seed: int = Field(0, description="Seeds each task's fresh atoms (per task and layer), identical on every data-parallel worker.")
+    moe_top_k: int | None = Field(
+        None, description="MoE-LoRA: experts kept per token by the router (top-k before the softmax); null keeps all.")
+    moe_tau: float = Field(1.0, description="MoE-LoRA: temperature of the router's softmax (1 = plain softmax).")
+    frozen_scale: Literal["baked", "official"] = Field(
+        "baked", description="baked: alpha/r is baked into B at freeze; official: B is frozen unscaled as in the official code (frozen atoms weigh r/alpha as much).")
+    route_untrained: bool = Field(
+        False, description="Route a task's fresh, never-trained block from the start, as the official code does.")
+    olora_lambda1: float = Field(0.5, description="O-LoRA: weight of the L1 orthogonality loss |A_old · A_newᵀ| (official default 0.5).")
+    olora_lambda2: float = Field(0.0, description="O-LoRA: weight of the L2 norm of the new adapter's A and B (official default 0).")
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as error:
+            raise MoRAMConfigError(_describe(error)) from None
+
+    # -- validation (messages start with the rule; the formatter prefixes the key) ---------
+    @field_validator("r", "k", mode="before")
+    @classmethod
+    def _positive_int(cls, value: Any) -> int:
+        return _integer(value, minimum=1)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> int:
+        return _integer(value, minimum=0)
+
+    @field_validator("moe_top_k", mode="before")
+    @classmethod
+    def _moe_top_k(cls, value: Any) -> int | None:
+        return None if value is None else _integer(value, minimum=1)
+
+    @field_validator("tau", "alpha", "eps", "moe_tau", mode="before")
+    @classmethod
+    def _positive(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        if value is None and info.field_name == "alpha":
+            return None  # 2r, filled in once r is known
+        return _real(value, f"{info.field_name} must be > 0", lambda v: v > 0)
+
+    @field_validator("olora_lambda1", "olora_lambda2", mode="before")
+    @classmethod
+    def _non_negative(cls, value: Any, info: pydantic.ValidationInfo) -> float:
+        return _real(value, f"{info.field_name} must be >= 0", lambda v: v >= 0)
+
+    @field_validator("delta", mode="before")
+    @classmethod
+    def _delta(cls, value: Any) -> float:
+        return _real(value, "delta must be in [0, 1]", lambda v: 0 <= v <= 1)
+
+    @field_validator("dropout", mode="before")
+    @classmethod
+    def _dropout(cls, value: Any) -> float:
+        return _real(value, "dropout must be in [0, 1)", lambda v: 0 <= v < 1)
+
+    @field_validator("prune_mass", mode="before")
+    @classmethod
+    def _prune_mass(cls, value: Any) -> float | None:
+        return None if value is None else _real(value, "prune_mass must be in (0, 1] or null", lambda v: 0 < v <= 1)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> str:
+        if not isinstance(value, str) or value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {list(METHODS)}")
+        return value
+
+    @field_validator("collect_stats", "route_untrained", mode="before")
+    @classmethod
+    def _bool(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+
+    @field_validator("frozen_scale", mode="before")
+    @classmethod
+    def _frozen_scale(cls, value: Any) -> str:
+        if value not in ("baked", "official"):
+            raise ValueError("must be 'baked' or 'official'")
+        return value
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> list[str] | str:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("empty regular expression")
+            return value
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+            raise ValueError("must be a non-empty list of module-name suffixes or a regex string")
+        return value
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> "MoRAMConfig":
         if self.alpha is None:
-            self.alpha = 2.0 * self.r if isinstance(self.r, int) and not isinstance(self.r, bool) else None
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        self.validate()
-
-    # -- validation ------------------------------------------------------------------------
-    def validate(self) -> None:
-        _check_int("r", self.r, minimum=1)
-        _check_int("k", self.k, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_real("tau", self.tau, "tau must be > 0", lambda v: v > 0)
-        _check_real("delta", self.delta, "delta must be in [0, 1]", lambda v: 0 <= v <= 1)
-        _check_real("alpha", self.alpha, "alpha must be > 0", lambda v: v > 0)
-        _check_real("dropout", self.dropout, "dropout must be in [0, 1)", lambda v: 0 <= v < 1)
-        _check_real("eps", self.eps, "eps must be > 0", lambda v: v > 0)
-        if self.prune_mass is not None:
-            _check_real("prune_mass", self.prune_mass, "prune_mass must be in (0, 1] or null",
-                        lambda v: 0 < v <= 1)
-        if self.method not in METHODS:
-            raise MoRAMConfigError(f"method: unknown method {self.method!r}; choose one of {list(METHODS)}")
-        if not isinstance(self.collect_stats, bool):
-            raise MoRAMConfigError(f"collect_stats: must be true or false, got {self.collect_stats!r}")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            if not targets:
-                raise MoRAMConfigError("target_modules: empty regular expression")
-        elif not targets or not all(isinstance(t, str) and t for t in targets):
-            raise MoRAMConfigError(
-                f"target_modules: must be a non-empty list of module-name suffixes or a regex string, got {targets!r}"
-            )
+            self.alpha = 2.0 * self.r
+        return self
 
     # -- derived ---------------------------------------------------------------------------
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.r
 
-    @property
-    def routed(self) -> bool:
-        """MoRAM routes atoms with top-k and tau; the LoRA baselines sum them."""
-        return self.method == "moram"
-
     # -- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MoRAMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MoRAMConfigError(f"{unknown[0]}: unknown MoRAM config key; known keys: {sorted(known)}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> "MoRAMConfig":
         return MoRAMConfig.from_dict({**self.to_dict(), **changes})
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MoRAMConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise MoRAMConfigError(f"{name}: must be an integer >= {minimum}, got {value}")
+def _describe(error: pydantic.ValidationError) -> str:
+    """One line per bad key; an unknown key also lists the known ones."""
+    lines = format_errors(error).splitlines()
+    known = sorted(MoRAMConfig.model_fields)
+    return "\n".join(
+        line.replace(": unknown key", ": unknown MoRAM config key", 1) + f" (known keys: {known})"
+        if ": unknown key" in line else line
+        for line in lines)
 
 
-def _check_real(name: str, value: Any, rule: str, ok) -> None:
+def _integer(value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"must be an integer >= {minimum}")
+    return value
+
+
+def _real(value: Any, rule: str, ok) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise MoRAMConfigError(f"{name}: {rule}, got {value!r}")
+        raise ValueError(rule)
+    return value

@@ -46,6 +46,16 @@ def top_k_mask(s: torch.Tensor, k: int) -> torch.Tensor:
     return masked.scatter(-1, kept, s.gather(-1, kept))
 
 
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits (k >= 1, no floor), set the rest to -inf; all when k >= n.
+
+    MoE-LoRA's expert gate (moe_top_k); MoRAM's own top-k is ``top_k_mask`` (k_eff >= 2)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kept = logits.topk(k, dim=-1).indices
+    return torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
+
+
 def route(
     h: torch.Tensor,
     k: int,

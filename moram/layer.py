@@ -3,7 +3,8 @@
 The bank holds the frozen atoms of every finished task (buffers, scale already baked into B)
 and the current task's trainable block (parameters, scaled by alpha/r while it trains).
 Routing (Eqs. 5-8) always runs over old and new atoms together; the baselines reuse the
-same bank with other mixture weights, so every method runs on one code path.
+same bank with other mixture weights, so every method runs on one code path. What differs
+between methods lives in a strategy object (``moram.methods``), never in this class.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from . import functional as MF
 from .config import MoRAMConfig
+from .methods import method_for
 
 
 @dataclass
@@ -23,7 +25,7 @@ class FinishedBlock:
     """The atoms one task added to one layer, as frozen (what a shard stores)."""
 
     A: torch.Tensor                 # [n, d_in]
-    B: torch.Tensor                 # [d_out, n], scale baked in
+    B: torch.Tensor                 # [d_out, n], scale baked in (frozen_scale="baked")
     mass: torch.Tensor              # [n] activation mass of the kept atoms during the task
     routing_mass: torch.Tensor      # [R at the task] mass of every routed atom (heatmaps)
     kept: torch.Tensor              # [n] indices of the kept atoms in the task's block
@@ -46,6 +48,7 @@ class MoRAMLayer(nn.Module):
         super().__init__()
         self.base = base
         self.config = config
+        self.method = method_for(config.method)
         self.name = name
         self.in_features, self.out_features = base_features(base)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -65,6 +68,7 @@ class MoRAMLayer(nn.Module):
         self.router: nn.Parameter | None = None
         self.task_index = -1
         self.current_trained = False       # a block takes part in routing once it has trained
+        # (or from the start with route_untrained, as the official code does)
         self.last_finished: FinishedBlock | None = None
 
         # Statistics are plain attributes, not buffers: they must stay float32 when the model
@@ -72,7 +76,6 @@ class MoRAMLayer(nn.Module):
         self.collect_stats = False
         self.token_mask: torch.Tensor | None = None
         self.activation_mass = torch.zeros(0)
-        self.tokens_seen = 0
 
     # -- what the wrapped layer looks like from outside ------------------------------------
     @property
@@ -97,8 +100,13 @@ class MoRAMLayer(nn.Module):
 
     @property
     def current_routes(self) -> bool:
-        """Atoms never trained take no part in routing (DESIGN: growth and freezing)."""
-        return self.A is not None and (self.current_trained or (self.training and torch.is_grad_enabled()))
+        """Atoms never trained take no part in routing (DESIGN: growth and freezing), unless
+        ``route_untrained``: the official code routes a fresh block from the start (its forward
+        concatenates ``loranew_A`` to the old keys unconditionally, TRACE/utils/my_peft/tuners/
+        moram.py:110-119 of Artificer-AI-Lab/MoRAM)."""
+        if self.A is None:
+            return False
+        return self.current_trained or self.config.route_untrained or (self.training and torch.is_grad_enabled())
 
     @property
     def num_routed(self) -> int:
@@ -106,31 +114,29 @@ class MoRAMLayer(nn.Module):
 
     # -- task lifecycle --------------------------------------------------------------------
     def begin_task(self, task_index: int) -> None:
-        """Append r fresh atoms (A kaiming-uniform a=√5, B zero); everything older stays frozen."""
+        """Open task ``task_index``'s trainable block, as the method makes it (usually r fresh
+        atoms); everything older stays frozen."""
         if self.A is not None:
             raise RuntimeError(f"{self.name}: begin_task() while task {self.task_index} is still open")
         self.task_index = task_index
         self.current_trained = False
-        method = self.config.method
-        if method == "seqlora" and self.num_frozen:
-            self._thaw_all()  # one adapter trained on every task in turn
-        else:
-            self._new_block(task_index)
+        self.method.begin_task(self, task_index)
         self.reset_stats()
 
-    def _new_block(self, task_index: int) -> None:
+    def new_block(self, task_index: int) -> None:
+        """r fresh trainable atoms: A kaiming-uniform (a=√5), B zero."""
         r, device, dtype = self.config.r, self.frozen_A.device, self.frozen_A.dtype
         generator = torch.Generator().manual_seed(self._init_seed(task_index))
         A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.A = nn.Parameter(A.to(device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
-        if self.config.method == "moelora":
-            self.router = nn.Parameter(torch.zeros(1, self.in_features, device=device, dtype=dtype))
 
-    def _thaw_all(self) -> None:
+    def thaw_all(self) -> None:
+        """Turn the whole frozen bank back into the trainable block (SeqLoRA)."""
         self.A = nn.Parameter(self.frozen_A.clone())
-        self.B = nn.Parameter(self.frozen_B / self.config.scale)
+        baked = self.frozen_scale_factor
+        self.B = nn.Parameter(self.frozen_B / baked if baked is not None else self.frozen_B.clone())
         self.frozen_A = self.frozen_A[:0].clone()
         self.frozen_B = self.frozen_B[:, :0].clone()
         self.current_trained = True  # it has trained already: it keeps routing
@@ -139,19 +145,30 @@ class MoRAMLayer(nn.Module):
         # Same atoms on every data-parallel worker; different atoms for every task and layer.
         return (self.config.seed * 1_000_003 + task_index * 7919 + zlib.crc32(self.name.encode())) % (2**63)
 
+    @property
+    def frozen_scale_factor(self) -> float | None:
+        """alpha/r, baked into B when atoms freeze; None with frozen_scale="official", which
+        stores B unscaled as the official TRACE code does (Artificer-AI-Lab/MoRAM,
+        TRACE/utils/my_peft/tuners/moram.py:79 copies ``loranew_B`` into ``lora_B`` as is,
+        while its forward scales only the new block, lines 147-148): a frozen atom then
+        weighs r/alpha times what it did while training (half, with alpha = 2r)."""
+        return self.config.scale if self.config.frozen_scale == "baked" else None
+
     @torch.no_grad()
     def end_task(self, prune_mass: float | None) -> FinishedBlock:
-        """Freeze the current block with the scale baked into B, pruning it first if asked."""
+        """Freeze the current block with the scale baked into B, pruning it first if asked
+        and the method prunes."""
         if self.A is None:
             raise RuntimeError(f"{self.name}: end_task() without begin_task()")
         added = self.num_current
         mass = self._current_mass()
         keep = torch.arange(added)
-        if prune_mass is not None and self.config.method == "moram" and self.current_trained:
+        if prune_mass is not None and self.method.prunes and self.current_trained:
             keep = MF.atoms_to_keep(mass, prune_mass)
         device = self.A.device
         A = self.A.detach()[keep.to(device)].clone()
-        B = (self.B.detach() * self.config.scale)[:, keep.to(device)].clone()
+        baked = self.frozen_scale_factor
+        B = (self.B.detach() * baked if baked is not None else self.B.detach())[:, keep.to(device)].clone()
         router = None if self.router is None else self.router.detach().clone()
         self.last_finished = FinishedBlock(
             A=A, B=B, mass=mass[keep].clone(), routing_mass=self.activation_mass.clone(),
@@ -189,7 +206,6 @@ class MoRAMLayer(nn.Module):
     # -- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.activation_mass = torch.zeros(0)
-        self.tokens_seen = 0
 
     def _accumulate(self, w: torch.Tensor, x: torch.Tensor) -> None:
         mask = self.token_mask
@@ -201,7 +217,23 @@ class MoRAMLayer(nn.Module):
             grown[: self.activation_mass.numel()] = self.activation_mass
             self.activation_mass = grown
         self.activation_mass[: mass.numel()] += mass
-        self.tokens_seen += int(mask.sum()) if mask is not None else x[..., 0].numel()
+
+    # -- the open task's state (checkpoints inside a task) ---------------------------------
+    def open_state(self) -> dict[str, torch.Tensor]:
+        """The current block (A, B, MoE-LoRA router; float32 on CPU) and its activation mass."""
+        state = {"A": self.A, "B": self.B, "router": self.router}
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if v is not None}
+        state["activation_mass"] = self.activation_mass.contiguous()
+        return state
+
+    @torch.no_grad()
+    def load_open_state(self, state: dict[str, torch.Tensor], with_stats: bool) -> None:
+        self.A.copy_(state["A"])
+        self.B.copy_(state["B"])
+        if self.router is not None:
+            self.router.copy_(state["router"])
+        self.activation_mass = state["activation_mass"].clone() if with_stats else torch.zeros(0)
+        self.current_trained = True
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -225,20 +257,12 @@ class MoRAMLayer(nn.Module):
 
     def mixture_weights(self, h: torch.Tensor, x: torch.Tensor, current: bool) -> torch.Tensor | None:
         """w over the routed atoms; None means every atom counts fully (the LoRA baselines)."""
-        method = self.config.method
-        if method == "moram":
-            delta = None if self.training else self.delta
-            return MF.route(h, self.k, self.tau, delta, self.config.eps)   # Eqs. 5-8
-        if method == "moelora":
-            keys, expert = self.frozen_router, self.frozen_expert
-            if current:
-                keys = torch.cat([keys, self.router])
-                new = torch.full((self.num_current,), keys.shape[0] - 1, dtype=torch.long, device=h.device)
-                expert = torch.cat([expert, new])
-            gate = torch.softmax((x @ keys.t()).float(), dim=-1)     # learned router over experts
-            return gate[..., expert].to(h.dtype)
-        return None  # seqlora / inclora: a plain sum of rank-r adapters
+        return self.method.mixture_weights(self, h, x, current)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The method's regulariser for this layer's open block (None: none)."""
+        return self.method.extra_loss(self)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, frozen_atoms={self.num_frozen}, "
-                f"current_atoms={self.num_current}, method={self.config.method}")
+                f"current_atoms={self.num_current}, method={self.method.name}")

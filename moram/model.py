@@ -22,6 +22,7 @@ from torch import nn
 from .attention import split_multihead_attention
 from .config import MoRAMConfig, MoRAMConfigError
 from .layer import MoRAMLayer, base_features
+from .methods import METHODS, method_for
 from .persistence import Shard, ShardError, read_shard, shard_to_bytes
 
 _SPLIT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "out_proj"}
@@ -53,12 +54,17 @@ class TaskReport:
 
 
 class MoRAMModel(nn.Module):
-    """A model whose target projections carry MoRAM atom banks; everything else is frozen."""
+    """A model whose target projections carry MoRAM atom banks; everything else is frozen.
+
+    ``moram_config`` is the method's config; ``config`` (like every other unknown attribute)
+    reaches the wrapped model, so Hugging Face generate and pipelines see their own config.
+    """
 
     def __init__(self, model: nn.Module, config: MoRAMConfig):
         super().__init__()
         self.model = model
-        self.config = config
+        self.moram_config = config
+        self.method = method_for(config.method)
         self.task_names: list[str] = []
         self._open_task: str | None = None
         if _wants_split_attention(model, config):
@@ -76,7 +82,7 @@ class MoRAMModel(nn.Module):
     # -- delegation to the wrapped model (generate, config, ...) ---------------------------
     def forward(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
-        with self._token_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None):
+        with self.token_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -91,7 +97,10 @@ class MoRAMModel(nn.Module):
             return getattr(self.model, name)
 
     @contextlib.contextmanager
-    def _token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+    def token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Inside the block, positions where ``mask`` [batch, seq] is 0 (padding) count in no
+        activation statistic. forward() applies its 2-D ``attention_mask`` this way itself; use
+        this for a tower called without one (e.g. CLIP's text encoder and its padding)."""
         if mask is None or not any(layer.collect_stats for layer in self.moram_layers.values()):
             yield
             return
@@ -115,7 +124,7 @@ class MoRAMModel(nn.Module):
         name = name or f"task-{self.num_tasks}"
         for layer in self.moram_layers.values():
             layer.begin_task(self.num_tasks)
-            layer.collect_stats = self.config.collect_stats
+            layer.collect_stats = self.moram_config.collect_stats
         self._open_task = name
 
     def end_task(self, prune: bool = True) -> TaskReport:
@@ -123,7 +132,7 @@ class MoRAMModel(nn.Module):
         (to ``config.prune_mass`` of their activation mass) unless ``prune`` is False."""
         if self._open_task is None:
             raise RuntimeError("end_task() without begin_task()")
-        coverage = self.config.prune_mass if prune else None
+        coverage = self.moram_config.prune_mass if prune else None
         report = TaskReport(task=self._open_task, task_index=self.num_tasks)
         for name, layer in self.moram_layers.items():
             block = layer.end_task(coverage)
@@ -136,7 +145,7 @@ class MoRAMModel(nn.Module):
     def set_routing(self, k: int | None = None, tau: float | None = None, delta: float | None = None) -> None:
         """Change k, τ or δ of every layer in place (δ acts in eval mode only)."""
         changes = {key: value for key, value in {"k": k, "tau": tau, "delta": delta}.items() if value is not None}
-        self.config.replace(**changes)  # validates the new values
+        self.moram_config.replace(**changes)  # validates the new values
         for layer in self.moram_layers.values():
             for key, value in changes.items():
                 setattr(layer, key, value)
@@ -154,8 +163,46 @@ class MoRAMModel(nn.Module):
             for name, layer in self.moram_layers.items():
                 layer.collect_stats = previous[name]
 
-    def activation_mass(self) -> dict[str, torch.Tensor]:
+    def activation_stats(self) -> dict[str, torch.Tensor]:
+        """Per layer, the activation mass (float32, CPU) of every atom routed since the task
+        began (or since collect_activation_stats() was entered), frozen atoms first."""
         return {name: layer.activation_mass.clone() for name, layer in self.moram_layers.items()}
+
+    def set_activation_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        """Replace the statistics, e.g. with their sum over data-parallel workers."""
+        for name, layer in self.moram_layers.items():
+            layer.activation_mass = stats[name].detach().float().cpu()
+
+    # -- the open task's state (checkpoints inside a task) ---------------------------------
+    def open_task_state(self) -> dict[str, torch.Tensor]:
+        """The open task's trainable tensors and statistics, flat (``<layer>.A``, ``.B``,
+        ``.router`` for MoE-LoRA, ``.activation_mass``), float32 on CPU: a checkpoint."""
+        self._require_open_task("open_task_state()")
+        return {f"{name}.{key}": tensor for name, layer in self.moram_layers.items()
+                for key, tensor in layer.open_state().items()}
+
+    def load_open_task_state(self, tensors: dict[str, torch.Tensor], with_stats: bool) -> None:
+        """Restore what open_task_state() returned into the open task's block. The statistics
+        are restored only ``with_stats`` (they are summed over workers later: one worker may
+        carry the past); the restored block has trained, so it routes."""
+        self._require_open_task("load_open_task_state()")
+        for name, layer in self.moram_layers.items():
+            prefix = f"{name}."
+            layer.load_open_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  with_stats)
+
+    def _require_open_task(self, call: str) -> None:
+        if self._open_task is None:
+            raise RuntimeError(f"{call}: no task is open; call begin_task() first")
+
+    # -- the method's regulariser ----------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor:
+        """The method's extra loss term summed over layers (O-LoRA's orthogonality loss);
+        a zero scalar for methods without one. Add it to the task loss."""
+        terms = [t for t in (layer.extra_loss() for layer in self.moram_layers.values()) if t is not None]
+        if not terms:
+            return torch.zeros(())
+        return torch.stack([t.float() for t in terms]).sum()
 
     # -- parameters ------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
@@ -186,9 +233,9 @@ class MoRAMModel(nn.Module):
         metadata = {
             "task": self.task_names[-1],
             "task_index": len(self.task_names) - 1,
-            "method": self.config.method,
-            "mode": "replace" if self.config.method == "seqlora" else "append",
-            "config": self.config.to_dict(),
+            "method": self.moram_config.method,
+            "mode": self.method.shard_mode,
+            "config": self.moram_config.to_dict(),
             "added": {name: layer.last_finished.added for name, layer in self.moram_layers.items()},
         }
         return shard_to_bytes(blocks, metadata)
@@ -218,7 +265,7 @@ class MoRAMModel(nn.Module):
                     layer.clear_frozen()
                 fields = shard.layer(name)
                 A, B = fields["A"], fields["B"]
-                if prune_mass is not None and shard.metadata["method"] == "moram":
+                if prune_mass is not None and METHODS[shard.metadata["method"]].prunes:
                     from .functional import atoms_to_keep
 
                     keep = atoms_to_keep(fields["mass"].float(), prune_mass)
@@ -227,9 +274,13 @@ class MoRAMModel(nn.Module):
             self.task_names.append(shard.metadata["task"])
 
     def _check_compatible(self, shard: Shard) -> None:
-        if shard.metadata["method"] != self.config.method:
+        if shard.metadata["method"] != self.moram_config.method:
             raise ShardError(f"shard {shard.name}: method {shard.metadata['method']!r} does not match "
-                             f"this model's {self.config.method!r}")
+                             f"this model's {self.moram_config.method!r}")
+        frozen_scale = shard.metadata["config"].get("frozen_scale", "baked")
+        if frozen_scale != self.moram_config.frozen_scale:
+            raise ShardError(f"shard {shard.name}: its B was frozen with frozen_scale={frozen_scale!r}, "
+                             f"this model uses {self.moram_config.frozen_scale!r}")
         expected, found = set(self.moram_layers), set(shard.layer_names)
         if expected != found:
             missing, extra = sorted(expected - found), sorted(found - expected)

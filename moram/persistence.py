@@ -2,14 +2,16 @@
 
 Layout of a shard (safetensors, never pickle):
     layers.<module>.A             [n, d_in]   keys of the kept atoms
-    layers.<module>.B             [d_out, n]  values, scale alpha/r baked in
+    layers.<module>.B             [d_out, n]  values, scale alpha/r baked in (unscaled when the
+                                              config's frozen_scale is "official")
     layers.<module>.mass          [n]         activation mass of the kept atoms over the task
     layers.<module>.routing_mass  [R]         mass of every atom routed during the task
     layers.<module>.kept          [n]         indices of the kept atoms in the task's block
     layers.<module>.router        [1, d_in]   MoE-LoRA only: the task expert's gate key
 metadata (strings): format, format_version, content_sha256 (over every tensor's name, dtype,
 shape and bytes, checked on every read), task, task_index, method, mode ("append": the atoms
-join the bank; "replace": SeqLoRA's shard is the whole adapter), config (JSON), added (JSON).
+join the bank; "replace": SeqLoRA's shard is the whole adapter; the method's ``shard_mode``),
+config (JSON), added (JSON).
 """
 from __future__ import annotations
 

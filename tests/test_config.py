@@ -14,7 +14,7 @@ from moram import MoRAMConfig, MoRAMConfigError
     ({"delta": -0.01}, r"delta: delta must be in \[0, 1\]"),
     ({"prune_mass": 0.0}, r"prune_mass: prune_mass must be in \(0, 1\]"),
     ({"prune_mass": 1.01}, r"prune_mass: prune_mass must be in \(0, 1\]"),
-    ({"method": "lora"}, r"method: unknown method 'lora'; choose one of \['moram', 'seqlora', 'inclora', 'moelora'\]"),
+    ({"method": "lora"}, r"method: unknown method 'lora'; choose one of \['moram', 'seqlora', 'inclora', 'moelora', 'olora'\]"),
     ({"dropout": 1.0}, r"dropout: dropout must be in \[0, 1\)"),
     ({"alpha": 0}, "alpha: alpha must be > 0"),
     ({"target_modules": []}, "target_modules: must be a non-empty list"),

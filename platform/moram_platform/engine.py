@@ -3,7 +3,7 @@
 Both expose the same three calls, so the training loop is written once:
 
     engine = build_engine(model, config.train, world_size, device)
-    loss = engine.loss(batch)      # forward on one micro-batch
+    loss = engine.loss(batch)      # forward on one micro-batch, plus the method's extra loss
     engine.backward(loss)          # gradient accumulation handled inside
     engine.step()                  # optimizer step at accumulation boundaries
 
@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from moram import MoRAMModel
 
 from .config import TrainSection
 
@@ -60,11 +62,22 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSection, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def with_extra_loss(loss: torch.Tensor, model: MoRAMModel) -> torch.Tensor:
+    """The benchmark's loss plus the method's own term (O-LoRA's orthogonality loss; nothing
+    for the other methods), computed outside autocast in the atoms' precision."""
+    extra = model.extra_loss()
+    if not extra.requires_grad:  # a method without an extra term: the loss stays bit-identical
+        return loss
+    return loss + extra.to(loss.device)
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO over the trainable atoms (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
+    def __init__(self, model: MoRAMModel, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
         import deepspeed
+
+        self.model = model
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, train)
@@ -76,7 +89,7 @@ class DeepSpeedEngine:
         self.dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.loss_fn(self.engine, batch)
+        return with_extra_loss(self.loss_fn(self.engine, batch), self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -106,7 +119,7 @@ def _innermost(optimizer) -> torch.optim.Optimizer:
 class TorchEngine:
     """Plain PyTorch: one process (a lone GPU box, a notebook) or DDP when a process group exists."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
+    def __init__(self, model: MoRAMModel, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
         self.model = model
         if world_size > 1 and torch.distributed.is_initialized():
             model = nn.parallel.DistributedDataParallel(model)
@@ -124,7 +137,8 @@ class TorchEngine:
         device = self.params[0].device.type if self.params else "cpu"
         context = torch.autocast(device, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with context:
-            return self.loss_fn(self.forward_model, batch)
+            loss = self.loss_fn(self.forward_model, batch)
+        return with_extra_loss(loss, self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulate).backward()
@@ -148,6 +162,6 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_engine(model: nn.Module, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
+def build_engine(model: MoRAMModel, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):
     engine = DeepSpeedEngine if train.engine == "deepspeed" else TorchEngine
     return engine(model, loss_fn, train, world_size, total_steps)

@@ -196,15 +196,15 @@ def sum_activation_stats(model: MoRAMModel, world: World) -> None:
     """Each worker saw its own tokens; pruning must see all of them, identically on every worker."""
     if world.size == 1 or not torch.distributed.is_initialized():
         return
-    for layer in model.moram_layers.values():
-        size = torch.tensor([layer.activation_mass.numel()], device=world.device)
+    stats = model.activation_stats()  # the same layer order on every worker
+    for name, local in stats.items():
+        size = torch.tensor([local.numel()], device=world.device)
         torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
         mass = torch.zeros(int(size.item()), device=world.device)
-        mass[: layer.activation_mass.numel()] = layer.activation_mass.to(world.device)
-        tokens = torch.tensor([float(layer.tokens_seen)], device=world.device)
+        mass[: local.numel()] = local.to(world.device)
         torch.distributed.all_reduce(mass)
-        torch.distributed.all_reduce(tokens)
-        layer.activation_mass, layer.tokens_seen = mass.cpu(), int(tokens.item())
+        stats[name] = mass.cpu()
+    model.set_activation_stats(stats)
 
 
 def _mean_over_workers(losses: list[float], world: World) -> float:
@@ -221,14 +221,7 @@ def save_checkpoint(folder: Path, model: MoRAMModel, engine, progress: Progress,
     progress (JSON); every worker writes its own optimizer state (tensors only)."""
     folder.mkdir(parents=True, exist_ok=True)
     if world.is_chief:
-        tensors = {}
-        for name, layer in model.moram_layers.items():
-            tensors[f"{name}.A"] = layer.A.detach().float().cpu().contiguous()
-            tensors[f"{name}.B"] = layer.B.detach().float().cpu().contiguous()
-            if layer.router is not None:
-                tensors[f"{name}.router"] = layer.router.detach().float().cpu().contiguous()
-            tensors[f"{name}.activation_mass"] = layer.activation_mass.contiguous()
-        save_file(tensors, str(folder / ATOMS_FILE))
+        save_file(model.open_task_state(), str(folder / ATOMS_FILE))
         (folder / STATE_FILE).write_text(json.dumps({**progress.__dict__, "world_size": world.size}))
     torch.save(engine.optimizer_state(), folder / f"optimizer-rank{world.rank}.pt")
 
@@ -237,15 +230,8 @@ def save_checkpoint(folder: Path, model: MoRAMModel, engine, progress: Progress,
 def load_checkpoint_atoms(folder: Path, model: MoRAMModel, world: World) -> Progress:
     """The current block's atoms and statistics, and where training stood."""
     state = json.loads((folder / STATE_FILE).read_text())
-    tensors = load_file(str(folder / ATOMS_FILE))
-    for name, layer in model.moram_layers.items():
-        layer.A.copy_(tensors[f"{name}.A"])
-        layer.B.copy_(tensors[f"{name}.B"])
-        if layer.router is not None:
-            layer.router.copy_(tensors[f"{name}.router"])
-        # statistics are summed over workers at the end: only one copy may carry the past
-        layer.activation_mass = tensors[f"{name}.activation_mass"].clone() if world.is_chief else torch.zeros(0)
-        layer.current_trained = True
+    # statistics are summed over workers at the end: only one copy may carry the past
+    model.load_open_task_state(load_file(str(folder / ATOMS_FILE)), with_stats=world.is_chief)
     state.pop("world_size")
     return Progress(**state)
 

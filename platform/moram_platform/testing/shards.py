@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moram import MoRAMConfig
+from moram import METHODS, MoRAMConfig
 from moram.persistence import shard_to_bytes
 
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -33,7 +33,7 @@ def synthetic_shard(task: str = "task-0", task_index: int = 0, *, num_layers: in
             }
     metadata = {
         "task": task, "task_index": task_index, "method": method,
-        "mode": "replace" if method == "seqlora" else "append", "config": config.to_dict(),
+        "mode": METHODS[method].shard_mode, "config": config.to_dict(),
         "added": {name: r for name in blocks},
     }
     return shard_to_bytes(blocks, metadata)

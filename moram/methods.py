@@ -1,0 +1,137 @@
+"""The continual-learning methods as small strategies over one atom-bank layer.
+
+Every method shares ``MoRAMLayer``'s bank (frozen atoms + the current task's block); a
+strategy decides only what differs between them:
+
+    begin_task(layer, i)          how task i's trainable block is made (fresh atoms, or thaw all)
+    mixture_weights(layer, ...)   w over the routed atoms; None = every atom counts fully
+    prunes                        whether post-pruning (Sec. 3.3.4) applies to a task's atoms
+    shard_mode                    "append": a task's shard joins the bank; "replace": it is the bank
+    extra_loss(layer)             a regulariser added to the task loss (None: none)
+
+``METHODS`` maps a config's ``method`` name to its strategy class.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from . import functional as MF
+
+if TYPE_CHECKING:
+    from .layer import MoRAMLayer
+
+
+class Method:
+    """Defaults shared by the methods: a new rank-r block per task, plain sum, no pruning."""
+
+    name: ClassVar[str] = ""
+    prunes: ClassVar[bool] = False
+    shard_mode: ClassVar[str] = "append"
+
+    def begin_task(self, layer: "MoRAMLayer", task_index: int) -> None:
+        layer.new_block(task_index)
+
+    def mixture_weights(self, layer: "MoRAMLayer", h: torch.Tensor, x: torch.Tensor,
+                        current: bool) -> torch.Tensor | None:
+        return None
+
+    def extra_loss(self, layer: "MoRAMLayer") -> torch.Tensor | None:
+        return None
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class MoRAM(Method):
+    """Rank-1 atoms routed by normalised key response, top-k and a tempered softmax (Eqs. 5-8)."""
+
+    name = "moram"
+    prunes = True
+
+    def mixture_weights(self, layer, h, x, current):
+        delta = None if layer.training else layer.delta      # Eq. 8 acts at inference only
+        return MF.route(h, layer.k, layer.tau, delta, layer.config.eps)
+
+
+class SeqLoRA(Method):
+    """One rank-r adapter trained on every task in turn: later tasks thaw the whole bank."""
+
+    name = "seqlora"
+    shard_mode = "replace"
+
+    def begin_task(self, layer, task_index):
+        if layer.num_frozen:
+            layer.thaw_all()
+        else:
+            layer.new_block(task_index)
+
+
+class IncLoRA(Method):
+    """A new dense rank-r adapter per task; older adapters frozen; all summed."""
+
+    name = "inclora"
+
+
+class MoELoRA(Method):
+    """A rank-r expert per task, mixed by a learned router (one gate key per expert).
+
+    gate = softmax(top-k(x · keys) / moe_tau) over the experts; every atom of an expert gets
+    its expert's gate. moe_top_k=None keeps all experts and moe_tau=1 is the plain softmax.
+    """
+
+    name = "moelora"
+
+    def begin_task(self, layer, task_index):
+        layer.new_block(task_index)
+        layer.router = nn.Parameter(layer.frozen_router.new_zeros(1, layer.in_features))
+
+    def mixture_weights(self, layer, h, x, current):
+        keys, expert = layer.frozen_router, layer.frozen_expert
+        if current:
+            keys = torch.cat([keys, layer.router])
+            new = torch.full((layer.num_current,), keys.shape[0] - 1, dtype=torch.long, device=h.device)
+            expert = torch.cat([expert, new])
+        logits = (x @ keys.t()).float()
+        if layer.config.moe_top_k is not None:
+            logits = MF.keep_top_k(logits, layer.config.moe_top_k)
+        gate = torch.softmax(logits / layer.config.moe_tau, dim=-1)
+        return gate[..., expert].to(h.dtype)
+
+
+class OLoRA(IncLoRA):
+    """O-LoRA (Wang et al. 2023): IncLoRA plus a loss keeping the new adapter's subspace
+    orthogonal to the old ones, as the official TRACE code computes it
+    (Artificer-AI-Lab/MoRAM, TRACE/model/Regular/O_LoRA.py:64-79):
+
+        loss += λ1 · Σ_layers Σ_ij |A_old · A_newᵀ|_ij            (L1 of the product, line 69)
+              + λ2 · Σ_layers (||A_new||_F + ||B_new||_F)         (line 76: torch.norm(p=2) of
+                                                                  every loranew_ parameter, A
+                                                                  and B, not squared)
+
+    A_old is every frozen A of the layer (the official ``lora_A``, r_sum x d_in). The defaults
+    λ1 = 0.5, λ2 = 0 are the official ones (TRACE/training/params.py:232-239, --orth_lambda1/2;
+    no runner script of the repo overrides them).
+    """
+
+    name = "olora"
+
+    def extra_loss(self, layer):
+        if layer.A is None:
+            return None
+        config = layer.config
+        orthogonality = (layer.frozen_A @ layer.A.t()).abs().sum()
+        loss = config.olora_lambda1 * orthogonality
+        if config.olora_lambda2:
+            loss = loss + config.olora_lambda2 * (torch.linalg.norm(layer.A) + torch.linalg.norm(layer.B))
+        return loss
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (MoRAM, SeqLoRA, IncLoRA, MoELoRA, OLoRA)}
+
+
+def method_for(name: str) -> Method:
+    """The strategy object for a config's ``method`` name."""
+    return METHODS[name]()
