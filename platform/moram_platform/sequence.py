@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
+from moram import MoRAMConfig
 from moram.metrics import summarize
 
 from .benchmark import Benchmark, get_benchmark
@@ -300,6 +301,6 @@ def _check_resumable(registry: Registry, run_id: str, config: JobConfig) -> None
     if committed != config.data.tasks[: len(committed)]:
         raise ConfigError(f"run.name: run {run_id} already committed tasks {committed}, which is not a prefix "
                           f"of data.tasks {config.data.tasks}; use a new run name")
-    if latest.config != config.moram_config.to_dict():
+    if MoRAMConfig.from_dict(latest.config) != config.moram_config:  # keys added later take defaults
         raise ConfigError(f"moram: run {run_id} was trained with {latest.config}; this config differs "
                           f"({config.moram_config.to_dict()}); use a new run name")
