@@ -111,9 +111,10 @@ class OLoRA(IncLoRA):
                                                                   every loranew_ parameter, A
                                                                   and B, not squared)
 
-    A_old is every frozen A of the layer (the official ``lora_A``, r_sum x d_in). The defaults
-    λ1 = 0.5, λ2 = 0 are the official ones (TRACE/training/params.py:232-239, --orth_lambda1/2;
-    no runner script of the repo overrides them).
+    A_old is every frozen A of the layer (the official ``lora_A``, r_sum x d_in). The issue
+    text asked for λ2·||A_new||²; the official term above (unsquared, A and B) is what this is.
+    The defaults λ1 = 0.5, λ2 = 0 are the official ones: the argparse defaults --orth_lambda1/2
+    of TRACE/training/main.py:232-239 (also O_LoRA.py:16); no runner script overrides them.
     """
 
     name = "olora"

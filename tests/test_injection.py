@@ -101,3 +101,49 @@ def test_split_attention_projections_are_frozen_base_weights():
     model.begin_task("t")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("out_proj.A") or n.endswith("out_proj.B") for n in trainable)
+
+
+def test_config_reaches_the_wrapped_model_and_the_method_config_is_moram_config():
+    hf = tiny_llama()
+    model = get_moram_model(hf, MoRAMConfig(r=2))
+    assert model.config is hf.config                     # what HF generate and pipelines read
+    assert model.moram_config == MoRAMConfig(r=2)
+
+
+def test_open_task_state_restores_a_block_and_its_statistics():
+    ids = torch.randint(0, 128, (2, 7))
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, method="moelora"))
+    model.begin_task("t")
+    model.train()
+    with torch.no_grad():
+        for layer in model.moram_layers.values():
+            layer.B.normal_(), layer.router.normal_()
+    model(input_ids=ids)
+    state = model.open_task_state()
+    name = next(iter(model.moram_layers))
+    assert {k.rsplit(".", 1)[1] for k in state if k.startswith(name + ".")} == {"A", "B", "router", "activation_mass"}
+    # one expert: each of the 14 tokens gives both of its atoms the expert's gate, 1
+    torch.testing.assert_close(state[f"{name}.activation_mass"].sum(), torch.tensor(28.0))
+
+    for with_stats, mass in ((True, 28.0), (False, 0.0)):
+        other = get_moram_model(tiny_llama(), MoRAMConfig(r=2, method="moelora"))
+        other.begin_task("t")
+        other.load_open_task_state(state, with_stats=with_stats)
+        for key, layer in other.moram_layers.items():
+            assert torch.equal(layer.A, model.moram_layers[key].A) and torch.equal(layer.B, model.moram_layers[key].B)
+            assert torch.equal(layer.router, model.moram_layers[key].router)
+            assert layer.num_routed == layer.num_current   # a restored block has trained: it routes
+        assert float(other.activation_stats()[name].sum()) == mass
+
+
+def test_activation_stats_can_be_replaced_and_token_mask_excludes_padding():
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, k=2))
+    model.begin_task("t")
+    model.train()
+    ids = torch.randint(0, 128, (2, 5))
+    with model.token_mask(torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])):
+        model(input_ids=ids)                               # no attention_mask: only token_mask hides padding
+    stats = model.activation_stats()
+    assert all(float(mass.sum()) == pytest.approx(7.0) for mass in stats.values())
+    model.set_activation_stats({name: mass * 2 for name, mass in stats.items()})
+    assert all(float(mass.sum()) == pytest.approx(14.0) for mass in model.activation_stats().values())
