@@ -1,0 +1,18 @@
+"""Fast paths for the MoRAM layer, each tested against moram.functional (the specification).
+
+- fused_route_mix(h, k, tau, delta, eps) -> w ⊙ h [..., R]: routing (Eqs. 5-8) and the mix in
+  one Triton kernel on CUDA; plain PyTorch (moram.functional.route) elsewhere.
+- fused_route_topk(h, k, tau, delta, eps) -> (coef [..., k_eff], idx [..., k_eff]): the same,
+  keeping only the atoms each token selected.
+- sparse_value(coef, idx, B) -> Δy [..., d_out]: B · (w ⊙ h) from the selected atoms only,
+  dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms.
+See docs/performance.md.
+"""
+from .routing import BACKENDS, fused_route_mix, fused_route_topk, route_topk_reference
+from .routing_triton import triton_available
+from .sparse_value import SPARSE_MIN_ATOMS_PER_K, dense_value, sparse_value
+
+__all__ = [
+    "BACKENDS", "SPARSE_MIN_ATOMS_PER_K", "dense_value", "fused_route_mix", "fused_route_topk",
+    "route_topk_reference", "sparse_value", "triton_available",
+]

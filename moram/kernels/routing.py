@@ -1,0 +1,94 @@
+"""Fast routing entry points: the mixed coefficients w ⊙ h that the value projection consumes.
+
+``fused_route_mix`` gives them dense ([..., R], zeros outside the top-k), ``fused_route_topk``
+compact (the k_eff kept coefficients and their atom indices, for ``sparse_value``). Both run
+the Triton kernel on CUDA (or when asked with backend="triton": on CPU that is Triton's
+interpreter, for tests) and plain PyTorch otherwise; the PyTorch path is moram.functional,
+the specification every fast path is tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import functional as MF
+from . import routing_triton
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_triton(h: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not routing_triton.triton_available():
+        raise RuntimeError("backend='triton' asked for, but triton cannot be imported")
+    if backend == "auto":
+        return h.is_cuda and routing_triton.triton_available()
+    return backend == "triton"
+
+
+def _as_rows(h: torch.Tensor) -> torch.Tensor:
+    return h.reshape(-1, h.shape[-1]).contiguous()
+
+
+def fused_route_mix(
+    h: torch.Tensor,
+    k: int,
+    tau: float,
+    delta: float | None = None,
+    eps: float = MF.DEFAULT_EPS,
+    *,
+    backend: str = "auto",
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """w ⊙ h [..., R] with w = route(h, k, tau, delta, eps) (Eqs. 5-8), differentiable in h.
+
+    ``return_weights`` also returns w (detached, h's dtype): the activation statistics.
+    Pass ``delta`` at inference only, as for route().
+    """
+    if not _use_triton(h, backend) or h.shape[-1] == 0 or h.numel() == 0:
+        w = MF.route(h, k, tau, delta, eps)
+        return (w * h, w.detach()) if return_weights else w * h
+    k_eff = MF.effective_k(k, h.shape[-1])
+    out = routing_triton.TritonRouteMix.apply(_as_rows(h), k_eff, tau, delta, eps, False, return_weights)
+    if return_weights:
+        mixed, w = out
+        return mixed.view(h.shape), w.view(h.shape)
+    return out.view(h.shape)
+
+
+def route_topk_reference(
+    h: torch.Tensor, k: int, tau: float, delta: float | None = None, eps: float = MF.DEFAULT_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 5-8 in compact form, in PyTorch: softmax over the k_eff kept scores equals route()'s
+    softmax over the -inf-masked vector. Indices ascending, as the kernel writes them."""
+    k_eff = MF.effective_k(k, h.shape[-1])
+    s = MF.normalized_scores(h, eps)
+    kept = s.topk(k_eff, dim=-1).indices.sort(dim=-1).values
+    s_kept = s.gather(-1, kept)
+    w = torch.softmax(s_kept / tau, dim=-1)
+    if delta is not None and delta > 0:
+        w = w * (s_kept >= delta)
+    return w.to(h.dtype) * h.gather(-1, kept), kept
+
+
+def fused_route_topk(
+    h: torch.Tensor,
+    k: int,
+    tau: float,
+    delta: float | None = None,
+    eps: float = MF.DEFAULT_EPS,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept mixed coefficients (w ⊙ h)[kept] [..., k_eff] (differentiable in h) and their
+    atom indices [..., k_eff] (int64, ascending): the input of sparse_value().
+
+    With R = 0 both are empty ([..., 0])."""
+    if h.shape[-1] == 0:
+        return h, torch.zeros(h.shape, dtype=torch.int64, device=h.device)
+    if not _use_triton(h, backend) or h.numel() == 0:
+        return route_topk_reference(h, k, tau, delta, eps)
+    k_eff = MF.effective_k(k, h.shape[-1])
+    coef, idx = routing_triton.TritonRouteMix.apply(_as_rows(h), k_eff, tau, delta, eps, True, False)
+    shape = (*h.shape[:-1], k_eff)
+    return coef.view(shape), idx.view(shape)
