@@ -33,7 +33,7 @@ def _is_union_branch(part: Any) -> bool:
 
 def _message(problem: dict[str, Any]) -> str:
     kind = problem["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # a BaseModel's / a pydantic dataclass's
         return "unknown key"
     if kind == "missing":
         return "required key is missing"

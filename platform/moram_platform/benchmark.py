@@ -1,21 +1,58 @@
-"""What the platform needs from a benchmark (TRACE, X-TAIL): data, model, loss, evaluation.
+"""What the platform needs from a benchmark (TRACE, X-TAIL): config rules, data, model, loss,
+evaluation and what its summary reports.
 
 The sequence driver, the Ray Train workers and the Tune trials are written once against this
-protocol; a benchmark plugs in its own data format and task metric.
+protocol; a benchmark plugs in its own data format, task metric and config section.
+``BENCHMARKS`` is the one list of benchmark names (docs/config.md: adding a benchmark).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+import importlib
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from .config import JobConfig
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+
+@dataclass(frozen=True)
+class BenchmarkEntry:
+    """Where a benchmark lives, imported only when a config names it (a TRACE job never imports
+    open_clip): its ``Benchmark`` class and, if it has one, the model of its own config section
+    (the section is named after the benchmark: ``xtail:``), both as ``"module:attribute"``."""
+
+    benchmark: str
+    section: str | None = None
+
+
+BENCHMARKS: dict[str, BenchmarkEntry] = {
+    "trace": BenchmarkEntry("moram_platform.trace.benchmark:TraceBenchmark"),
+    "xtail": BenchmarkEntry("moram_platform.xtail.benchmark:XTailBenchmark",
+                            section="moram_platform.xtail.config:XTailSection"),
+}
 
 
 class Benchmark(Protocol):
     name: str
+    moram_defaults: dict[str, Any]   # moram.* values used when the config leaves them out
 
+    # -- the config, before anything starts ------------------------------------------------------
+    def validate_config(self, config: JobConfig) -> list[str]:
+        """This benchmark's own config rules: one ``key.path: message, got value`` line per broken
+        rule (empty: fine). Cheap: no data or model is read (``validate`` does that)."""
+
+    def eval_profile(self, config: JobConfig) -> str:
+        """The evaluation profile scores are recorded (and found again) under in the registry."""
+
+    def summary(self, matrix: list[list[float]], baseline: list[float] | None,
+                tasks: list[str]) -> dict[str, float]:
+        """The sequence's metrics (DESIGN.md, Metrics) under names that say which variant each is."""
+
+    # -- data and model -------------------------------------------------------------------------
     def validate(self, config: JobConfig) -> None:
         """Check every task and data file up front; raise a clear error naming what is wrong."""
 
@@ -39,16 +76,36 @@ class Benchmark(Protocol):
         """{"task", "metric", "score" (0-100), "n", "profile"} on the task's evaluation split."""
 
 
+def _entry(name: str) -> BenchmarkEntry:
+    if name not in BENCHMARKS:
+        raise ValueError(f"benchmark: unknown benchmark {name!r}; choose one of {list(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def _import(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@cache
+def benchmark_class(name: str) -> type:
+    return _import(_entry(name).benchmark)
+
+
 def get_benchmark(name: str) -> Benchmark:
-    if name == "trace":
-        from .trace.benchmark import TraceBenchmark
+    """A new instance of the benchmark ``name`` (instances cache data and text features)."""
+    return benchmark_class(name)()
 
-        return TraceBenchmark()
-    if name == "xtail":
-        from .xtail.benchmark import XTailBenchmark
 
-        return XTailBenchmark()
-    raise ValueError(f"benchmark: unknown benchmark {name!r}; choose 'trace' or 'xtail'")
+def section_model(name: str) -> type | None:
+    """The model of benchmark ``name``'s own config section (named after it), if it has one."""
+    entry = _entry(name)
+    return _import(entry.section) if entry.section else None
+
+
+def summary_from(values: dict[str, float], names: dict[str, str]) -> dict[str, float]:
+    """``moram.metrics.summarize`` output renamed: ``names`` maps its keys to the reported names."""
+    return {name: values[key] for key, name in names.items() if key in values}
 
 
 def batches(examples: list[Any], size: int) -> Iterable[list[Any]]:

@@ -1,151 +1,206 @@
 """Job configs: YAML data, validated whole before any work starts.
 
-A config is nested sections of typed fields. Every error names the key at fault with its full
-path (``train.lr: must be > 0, got -1``). CLI overrides use the same paths:
+A config is nested sections of typed fields (pydantic models; unknown keys are errors). Every
+error names the key at fault with its full path (``train.lr: must be > 0, got -1``), one line
+per bad key. CLI overrides use the same paths:
 ``--set train.lr=1e-3 --set data.tasks='[C-STANCE, FOMC]'`` (values are parsed as YAML).
+
+The sections are the platform's own (below) plus one per benchmark that declares one
+(``moram_platform.benchmark.BENCHMARKS``). docs/config.md lists every key; it is generated
+from these models: ``python -m moram_platform.config --print-reference > docs/config.md``.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
+import argparse
 import os
+import sys
 import typing
-from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
+from pydantic import Field
 
 from moram import MoRAMConfig, MoRAMConfigError
+from moram.validation import format_errors
+
+from .benchmark import BENCHMARKS, benchmark_class, section_model
+from .sections import (AtLeastOne, AtLeastZero, Bool, Int, NonEmptyStr, OneOrNone, Real, Section, Str, absolute,
+                       one_of, rule)
 
 
 class ConfigError(ValueError):
-    """A job config is invalid; the message starts with the key path at fault."""
+    """A job config is invalid; each line of the message starts with the key path at fault."""
 
 
-# moram.* keys a benchmark fills in when the config leaves them out (moram's own defaults are
-# LLM attention projections). X-TAIL: both CLIP towers' q, k, v, out and MLP c_fc, c_proj.
-BENCHMARK_MORAM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "xtail": {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]},
-}
+TRACE_500_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+
+
+def _safe_name(name: str) -> bool:
+    return name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
 
 
 # -- sections --------------------------------------------------------------------------------
-@dataclass
-class RunSection:
-    name: str | None = None          # the run id: registry namespace, Ray storage name, MLflow parent
-    seed: int = 42
-    output_dir: str = "moram_runs"   # embedded defaults live here (registry, MLflow db, Ray storage)
+class RunSection(Section):
+    name: Annotated[NonEmptyStr, rule(_safe_name, "must be letters, digits, '.', '_' or '-' (it names storage "
+                                                   "paths)")] | None = Field(
+        None, description="the run id: registry namespace, Ray storage name, MLflow parent run; rerunning with "
+                          "the same name resumes (default: <benchmark>-<model>-<method>-<UTC time>)")
+    seed: AtLeastZero = Field(42, description="seeds data order, model initialisation and each task's fresh atoms "
+                                              "(moram.seed, unless set explicitly)")
+    output_dir: Annotated[NonEmptyStr, rule(lambda v: "://" not in v,
+                                            "must be a local folder (the embedded registry, MLflow database and Ray "
+                                            "storage live there); for shared storage set registry.uri=s3://... and "
+                                            "mlflow.tracking_uri")] = Field(
+        "moram_runs", description="local folder of the embedded defaults (registry, MLflow database, Ray storage)")
 
 
-@dataclass
-class ModelSection:
-    source: str = "smollm2"          # "smollm2" (the packaged SmolLM2-135M), a model folder or a .gguf
-    id: str | None = None            # name recorded in the registry (default: derived from source)
-    dtype: str = "float32"           # weights of the base model: float32 | bfloat16
-    cache_dir: str | None = None     # where GGUF models are dequantised once (default ~/.cache/moram)
+class ModelSection(Section):
+    source: NonEmptyStr = Field("smollm2", description="the base model: 'smollm2' (the packaged SmolLM2-135M), a "
+                                                       "model folder or a .gguf file; X-TAIL: an open_clip model name "
+                                                       "or local-dir:<folder>")
+    id: NonEmptyStr | None = Field(None, description="name recorded in the registry (default: derived from "
+                                                     "model.source)")
+    dtype: Annotated[Str, one_of("float32", "bfloat16")] = Field("float32", description="weights of the base "
+                                                                                        "model: float32 | bfloat16")
+    cache_dir: NonEmptyStr | None = Field(None, description="where GGUF models are dequantised once (default "
+                                                            "~/.cache/moram)")
 
 
-@dataclass
-class DataSection:
-    root: str = "../shared/datasets/TRACE-500"   # local folder or s3://bucket/prefix
-    tasks: list[str] = field(default_factory=lambda: ["C-STANCE", "FOMC", "MeetingBank", "Py150",
-                                                      "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"])
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    eval_split: str = "test"
-    max_prompt_tokens: int = 1024
-    long_prompt_tasks: dict[str, int] = field(default_factory=lambda: {"MeetingBank": 4096})
-    max_answer_tokens: int = 512
+def _unique(values: list) -> bool:
+    return len(set(values)) == len(values)
 
 
-@dataclass
-class TrainSection:
-    epochs: list[int] | int | None = field(default_factory=lambda: [2, 1, 3, 2, 1, 2, 2, 3])
-    max_steps: int | None = None     # cap per task; with epochs: null, exactly this many steps (X-TAIL: 500)
-    lr: float = 5e-4
-    lr_schedule: str = "constant"    # constant | cosine (decays to 0 over the task's steps)
-    warmup_steps: int = 0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    global_batch_size: int = 32
-    micro_batch_size: int = 4        # per worker and step; accumulation makes up the global batch
-    precision: str = "bf16"          # bf16 | fp32 (bf16 on CPU works but is slow)
-    engine: str = "deepspeed"        # deepspeed | torch (plain PyTorch, e.g. a lone GPU box)
-    zero_stage: int = 2
-    checkpoint_every_steps: int = 50
+class DataSection(Section):
+    root: NonEmptyStr = Field("../shared/datasets/TRACE-500", description="local folder or s3://bucket/prefix "
+                                                                          "holding one folder per task")
+    tasks: Annotated[list[NonEmptyStr], rule(bool, "must list at least one task"),
+                     rule(_unique, "lists a task twice")] = Field(
+        default_factory=lambda: list(TRACE_500_ORDER), description="the tasks, in training order")
+    max_train_examples: OneOrNone | None = Field(None, description="cap on each task's training examples (null: "
+                                                                   "all)")
+    max_eval_examples: OneOrNone | None = Field(None, description="cap on each task's evaluation examples (null: "
+                                                                  "all)")
+    eval_split: Annotated[Str, one_of("eval", "test")] = Field("test", description="the split tasks are scored "
+                                                                                   "on: eval | test")
+    max_prompt_tokens: AtLeastOne = Field(1024, description="prompts are truncated (from the left) to this many "
+                                                            "tokens")
+    long_prompt_tasks: dict[NonEmptyStr, AtLeastOne] = Field(
+        default_factory=lambda: {"MeetingBank": 4096}, description="task -> its own max_prompt_tokens")
+    max_answer_tokens: AtLeastOne = Field(512, description="training answers are truncated to this many tokens")
 
 
-@dataclass
-class EvalSection:
-    profile: str = "reference"       # reference | trace (see moram_platform.trace.evaluate)
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    baseline: bool = True            # also evaluate the base model (version 0): the zero-shot row, FWT
+def _epochs_value(value: Any) -> Any:
+    """One clear message for the union list[int] | int | None."""
+    values = value if isinstance(value, list) else [value]
+    if value is None:
+        return value
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError("must be an integer >= 1 or a non-empty list of them, one per task (or null with "
+                         "train.max_steps set)")
+    return value
 
 
-@dataclass
-class ScalingSection:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    max_failures: int = 2            # a lost worker restarts from the last Ray Train checkpoint
+def _betas_ok(betas: list[float]) -> bool:
+    return len(betas) == 2 and all(0 <= b < 1 for b in betas)
 
 
-@dataclass
-class XTailSection:
-    """CLIP / X-TAIL specifics (benchmark: xtail); model.source is the open_clip model name."""
+class TrainSection(Section):
+    epochs: Annotated[list[Int] | Int | None, pydantic.BeforeValidator(_epochs_value)] = Field(
+        default_factory=lambda: [2, 1, 3, 2, 1, 2, 2, 3],
+        description="epochs per task: one integer for every task, or a list with one per task of data.tasks "
+                    "(a longer list is cut to data.tasks, e.g. after --set data.tasks=[first two]; a shorter one "
+                    "is an error); null: exactly train.max_steps steps")
+    max_steps: OneOrNone | None = Field(None, description="cap on optimizer steps per task; with epochs: null, "
+                                                          "exactly this many (X-TAIL: 500)")
+    lr: Annotated[Real, rule(lambda v: v > 0, "must be > 0")] = Field(5e-4, description="learning rate (AdamW)")
+    lr_schedule: Annotated[Str, one_of("constant", "cosine")] = Field(
+        "constant", description="constant | cosine (decays to 0 over the task's steps)")
+    warmup_steps: AtLeastZero = Field(0, description="linear warm-up steps at the start of each task")
+    betas: Annotated[list[Real], rule(_betas_ok, "must be two numbers in [0, 1)")] = Field(
+        default_factory=lambda: [0.9, 0.95], description="AdamW betas")
+    weight_decay: Annotated[Real, rule(lambda v: v >= 0, "must be >= 0")] = Field(0.0, description="AdamW weight "
+                                                                                                   "decay")
+    grad_clip: Annotated[Real, rule(lambda v: v >= 0, "must be >= 0 (0 disables clipping)")] = Field(
+        1.0, description="gradient-norm clipping (0 disables it)")
+    global_batch_size: AtLeastOne = Field(32, description="examples per optimizer step over all workers; a "
+                                                          "multiple of micro_batch_size x scaling.num_workers")
+    micro_batch_size: AtLeastOne = Field(4, description="examples per worker and forward pass; gradient "
+                                                        "accumulation makes up the global batch")
+    precision: Annotated[Str, one_of("bf16", "fp32")] = Field("bf16", description="bf16 | fp32 (bf16 on CPU works "
+                                                                                  "but is slow)")
+    engine: Annotated[Str, one_of("deepspeed", "torch")] = Field(
+        "deepspeed", description="deepspeed | torch (plain PyTorch DDP, e.g. a lone GPU box)")
+    zero_stage: Annotated[Int, one_of(0, 1, 2, 3)] = Field(
+        2, description="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is refused with the deepspeed engine: it "
+                       "partitions the atoms, which a task's export needs whole)")
+    checkpoint_every_steps: AtLeastOne = Field(50, description="Ray Train checkpoint interval (optimizer steps)")
 
-    pretrained: str | None = None            # an open_clip pretrained tag (already cached) or a checkpoint path
-    allow_random_init: bool = False          # no pretrained weights: only with this flag, and a warning
-    model_config: dict[str, Any] | None = None   # a custom open_clip model config registered as model.source
-    shots: int = 16
-    split_seed: int = 0
-    split_dir: str | None = None             # where few-shot split files are saved (default: next to the data)
-    domain_sources: dict[str, str] = field(default_factory=dict)   # domain -> folder or s3:// (default <data.root>/<domain>)
-    templates: dict[str, list[str]] = field(default_factory=dict)  # domain -> prompt templates
-    cache_dir: str | None = None             # local mirror of s3:// domains
+
+class EvalSection(Section):
+    profile: NonEmptyStr | None = Field(None, description="the evaluation profile, one the benchmark defines (TRACE: "
+                                                          "moram_platform.trace.evaluate.PROFILES); null: the "
+                                                          "benchmark's default")
+    max_new_tokens: AtLeastOne = Field(64, description="generation budget per answer")
+    batch_size: AtLeastOne = Field(8, description="evaluation batch size")
+    baseline: Bool = Field(True, description="also evaluate the base model (version 0): the zero-shot row, for "
+                                             "FWT")
 
 
-@dataclass
-class RegistrySection:
-    uri: str | None = None           # default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry
+class ScalingSection(Section):
+    num_workers: AtLeastOne = Field(1, description="Ray Train workers (data parallel)")
+    use_gpu: Bool = Field(False, description="one GPU share per worker")
+    cpus_per_worker: Annotated[Real, rule(lambda v: v > 0, "must be > 0")] = Field(1.0, description="CPUs each "
+                                                                                                    "worker holds")
+    gpus_per_worker: Annotated[Real, rule(lambda v: v >= 0, "must be >= 0")] = Field(
+        1.0, description="GPUs each worker holds with use_gpu (fractions share a GPU)")
+    max_failures: Annotated[Int, rule(lambda v: v >= -1, "must be >= -1 (-1: retry forever)")] = Field(
+        2, description="a lost worker restarts from the last Ray Train checkpoint this many times")
 
 
-@dataclass
-class MlflowSection:
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-    experiment: str | None = None    # default: the benchmark name
+class RegistrySection(Section):
+    uri: NonEmptyStr | None = Field(None, description="the model registry: a folder or s3://bucket/prefix "
+                                                      "(default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry)")
 
 
-@dataclass
-class JobConfig:
-    benchmark: str = "trace"
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    moram: dict[str, Any] = field(default_factory=dict)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    registry: RegistrySection = field(default_factory=RegistrySection)
-    mlflow: MlflowSection = field(default_factory=MlflowSection)
-    xtail: XTailSection = field(default_factory=XTailSection)
+class MlflowSection(Section):
+    tracking_uri: NonEmptyStr | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else "
+                                                               "sqlite:///<run.output_dir>/mlflow.db")
+    experiment: NonEmptyStr | None = Field(None, description="MLflow experiment (default: the benchmark name)")
+
+
+class JobConfig(Section):
+    """A validated job config (load_config, config_from_dict): the platform's sections; the model
+    of a given benchmark adds that benchmark's own section (``config_model``)."""
+
+    benchmark: Annotated[Str, rule(lambda v: v in BENCHMARKS, f"must be one of {list(BENCHMARKS)}")] = Field(
+        "trace", description="the benchmark (moram_platform.benchmark.BENCHMARKS)")
+    run: RunSection = Field(default_factory=RunSection, description="the run's identity and local storage")
+    model: ModelSection = Field(default_factory=ModelSection, description="the frozen base model")
+    moram: dict[Str, Any] = Field(
+        default_factory=dict, description="MoRAMConfig fields (r, k, tau, delta, target_modules, method, ...); "
+                                          "unset ones take the benchmark's defaults, then MoRAMConfig's; "
+                                          "moram.seed defaults to run.seed")
+    data: DataSection = Field(default_factory=DataSection, description="the tasks and their data")
+    train: TrainSection = Field(default_factory=TrainSection, description="training of each task's atoms")
+    eval: EvalSection = Field(default_factory=EvalSection, description="evaluation after each task")
+    scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers")
+    registry: RegistrySection = Field(default_factory=RegistrySection, description="where versions are stored")
+    mlflow: MlflowSection = Field(default_factory=MlflowSection, description="experiment tracking")
 
     # -- derived ---------------------------------------------------------------------------
     @property
     def moram_config(self) -> MoRAMConfig:
-        return MoRAMConfig.from_dict({**BENCHMARK_MORAM_DEFAULTS.get(self.benchmark, {}), **self.moram})
+        """moram.* over the benchmark's defaults; the atoms' seed is run.seed unless moram.seed is set."""
+        defaults = {**benchmark_class(self.benchmark).moram_defaults, "seed": self.run.seed}
+        return MoRAMConfig.from_dict({**defaults, **self.moram})
 
     def epochs_for(self, task_index: int) -> int | None:
         """Epochs of task ``task_index``; None: as many as ``train.max_steps`` needs."""
         epochs = self.train.epochs
-        if epochs is None or isinstance(epochs, int):
-            return epochs
-        return epochs[task_index % len(epochs)]
+        return epochs[task_index] if isinstance(epochs, list) else epochs
 
     def registry_uri(self) -> str:
         """registry.uri, else $MORAM_REGISTRY_URI, else <run.output_dir>/registry."""
@@ -160,36 +215,44 @@ class JobConfig:
         return f"sqlite:///{Path(self.run.output_dir).resolve() / 'mlflow.db'}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as YAML data (config_from_dict reads it back)."""
+        return self.model_dump()
 
     def with_absolute_paths(self) -> "JobConfig":
         """Relative local paths resolved against this process's working directory, so that Ray
         workers (which run elsewhere) read the same files. URIs and model aliases are kept."""
-        config = copy.deepcopy(self)
-        config.data.root = _absolute(config.data.root)
-        config.run.output_dir = _absolute(config.run.output_dir)
-        config.registry.uri = _absolute(config.registry.uri) if config.registry.uri else config.registry_uri()
+        config = self.model_copy(deep=True)
+        config.data.root = absolute(config.data.root)
+        config.run.output_dir = absolute(config.run.output_dir)
+        config.registry.uri = absolute(config.registry.uri) if config.registry.uri else config.registry_uri()
         if config.model.cache_dir:
-            config.model.cache_dir = _absolute(config.model.cache_dir)
+            config.model.cache_dir = absolute(config.model.cache_dir)
         if Path(config.model.source).expanduser().exists():
-            config.model.source = _absolute(config.model.source)
+            config.model.source = absolute(config.model.source)
         if config.model.source.startswith("local-dir:"):  # an open_clip model folder
-            config.model.source = "local-dir:" + _absolute(config.model.source.removeprefix("local-dir:"))
-        xtail = config.xtail
-        for key in ("split_dir", "cache_dir"):
-            if getattr(xtail, key):
-                setattr(xtail, key, _absolute(getattr(xtail, key)))
-        if xtail.pretrained and Path(xtail.pretrained).expanduser().exists():  # a file, not a tag
-            xtail.pretrained = _absolute(xtail.pretrained)
-        xtail.domain_sources = {name: _absolute(source) for name, source in xtail.domain_sources.items()}
+            config.model.source = "local-dir:" + absolute(config.model.source.removeprefix("local-dir:"))
+        section = getattr(config, config.benchmark, None)
+        if hasattr(section, "resolve_paths"):
+            section.resolve_paths()
         config.mlflow.tracking_uri = config.tracking_uri()
         return config
 
 
-def _absolute(location: str) -> str:
-    if "://" in location:
-        return location
-    return str(Path(location).expanduser().resolve())
+def _section_field(model: type) -> tuple[type, Any]:
+    summary = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+    return model, Field(default_factory=model, description=summary)
+
+
+@cache
+def config_model(benchmark: str) -> type[JobConfig]:
+    """The job config of ``benchmark``: JobConfig plus the benchmark's own section, if it has
+    one. Only that benchmark is imported (a TRACE config never imports open_clip), and another
+    benchmark's section is an unknown key."""
+    model = section_model(benchmark)
+    if model is None:
+        return JobConfig
+    return pydantic.create_model(f"JobConfig_{benchmark}", __base__=JobConfig, __module__=__name__,
+                                 **{benchmark: _section_field(model)})
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -233,140 +296,143 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> JobConfig:
-    config = _build(JobConfig, raw, "")
-    validate(config)
-    return config
-
-
-def _build(cls, raw: Any, prefix: str):
+    """Validate YAML data as a job config: types and ranges of every key (all reported at once),
+    then the rules that tie keys together, the benchmark's own rules and moram.*."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys here: {sorted(known)}")
-    values = {}
-    for name, value in raw.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value, f"{prefix}{name}.")
-        else:
-            values[name] = _check_type(f"{prefix}{name}", value, kind)
-    return cls(**values)
-
-
-def _check_type(key: str, value: Any, kind) -> Any:
-    """Accept ``value`` if it fits the annotation ``kind`` (ints may stand for floats)."""
-    if isinstance(value, str) and (kind is float or float in typing.get_args(kind)):
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if _fits(value, kind):
-        if kind is float or float in typing.get_args(kind):
-            return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-        return value
-    raise ConfigError(f"{key}: expected {_describe(kind)}, got {value!r}")
-
-
-def _fits(value: Any, kind) -> bool:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if kind is Any:
-        return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_fits(value, arg) for arg in args)
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    return isinstance(value, kind)
-
-
-def _describe(kind) -> str:
-    return str(kind).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-# -- value rules -----------------------------------------------------------------------------
-def validate(config: JobConfig) -> None:
-    """Range and consistency rules; types were checked while building."""
-    rules = [
-        ("benchmark", config.benchmark in ("trace", "xtail"), "must be 'trace' or 'xtail'"),
-        ("run.name", config.run.name is None or _is_safe_name(config.run.name),
-         "must be letters, digits, '.', '_' or '-' (it names storage paths)"),
-        ("run.seed", config.run.seed >= 0, "must be >= 0"),
-        ("model.dtype", config.model.dtype in ("float32", "bfloat16"), "must be float32 or bfloat16"),
-        ("data.tasks", len(config.data.tasks) > 0, "must list at least one task"),
-        ("data.tasks", len(set(config.data.tasks)) == len(config.data.tasks), "lists a task twice"),
-        ("data.max_train_examples", _positive_or_none(config.data.max_train_examples), "must be >= 1 or null"),
-        ("data.max_eval_examples", _positive_or_none(config.data.max_eval_examples), "must be >= 1 or null"),
-        ("data.eval_split", config.data.eval_split in ("eval", "test"), "must be 'eval' or 'test'"),
-        ("data.max_prompt_tokens", config.data.max_prompt_tokens >= 1, "must be >= 1"),
-        ("data.max_answer_tokens", config.data.max_answer_tokens >= 1, "must be >= 1"),
-        ("train.epochs", _epochs_ok(config.train.epochs, config.train.max_steps),
-         "must be an integer >= 1 or a non-empty list of them (or null with train.max_steps set)"),
-        ("train.lr_schedule", config.train.lr_schedule in ("constant", "cosine"), "must be constant or cosine"),
-        ("train.warmup_steps", config.train.warmup_steps >= 0, "must be >= 0"),
-        ("train.max_steps", _positive_or_none(config.train.max_steps), "must be >= 1 or null"),
-        ("train.lr", math.isfinite(config.train.lr) and config.train.lr > 0, "must be > 0"),
-        ("train.betas", len(config.train.betas) == 2 and all(0 <= b < 1 for b in config.train.betas),
-         "must be two numbers in [0, 1)"),
-        ("train.weight_decay", config.train.weight_decay >= 0, "must be >= 0"),
-        ("train.grad_clip", config.train.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
-        ("train.micro_batch_size", config.train.micro_batch_size >= 1, "must be >= 1"),
-        ("train.global_batch_size",
-         config.train.global_batch_size % (config.train.micro_batch_size * config.scaling.num_workers) == 0,
-         "must be a multiple of train.micro_batch_size x scaling.num_workers"),
-        ("train.precision", config.train.precision in ("bf16", "fp32"), "must be bf16 or fp32"),
-        ("train.engine", config.train.engine in ("deepspeed", "torch"), "must be deepspeed or torch"),
-        ("train.zero_stage", config.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
-        ("train.checkpoint_every_steps", config.train.checkpoint_every_steps >= 1, "must be >= 1"),
-        ("eval.profile", config.eval.profile in ("reference", "trace"), "must be 'reference' or 'trace'"),
-        ("eval.max_new_tokens", config.eval.max_new_tokens >= 1, "must be >= 1"),
-        ("eval.batch_size", config.eval.batch_size >= 1, "must be >= 1"),
-        ("scaling.num_workers", config.scaling.num_workers >= 1, "must be >= 1"),
-        ("scaling.cpus_per_worker", config.scaling.cpus_per_worker > 0, "must be > 0"),
-        ("scaling.gpus_per_worker", config.scaling.gpus_per_worker >= 0, "must be >= 0"),
-        ("scaling.max_failures", config.scaling.max_failures >= -1, "must be >= -1 (-1: retry forever)"),
-        ("xtail.shots", config.xtail.shots >= 1, "must be >= 1"),
-        ("xtail.split_seed", config.xtail.split_seed >= 0, "must be >= 0"),
-    ]
-    for key, ok, rule in rules:
-        if not ok:
-            raise ConfigError(f"{key}: {rule}, got {_value_at(config, key)!r}")
+        raise ConfigError(f"config: must be a mapping, got {raw!r}")
+    benchmark = raw.get("benchmark", JobConfig.model_fields["benchmark"].default)
+    model = config_model(benchmark) if isinstance(benchmark, str) and benchmark in BENCHMARKS else JobConfig
+    try:
+        config = model.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise ConfigError(format_errors(error)) from None
+    problems = _cross_key_problems(config) + benchmark_class(config.benchmark)().validate_config(config)
     try:
         config.moram_config
     except MoRAMConfigError as error:
-        raise ConfigError(f"moram.{error}") from None
+        problems += [f"moram.{line}" for line in str(error).splitlines()]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
 
 
-def _is_safe_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
+def _cross_key_problems(config: JobConfig) -> list[str]:
+    """Rules between keys, as ``key: message, got value`` lines."""
+    train, tasks, scaling = config.train, config.data.tasks, config.scaling
+    problems = []
+
+    def refuse(key: str, message: str, value: Any) -> None:
+        problems.append(f"{key}: {message}, got {value!r}")
+
+    if isinstance(train.epochs, list) and len(train.epochs) < len(tasks):  # never reused in a cycle
+        refuse("train.epochs", f"lists {len(train.epochs)} values for the {len(tasks)} tasks of data.tasks; give "
+                               f"one per task, or one integer for all", train.epochs)
+    if train.epochs is None and train.max_steps is None:
+        refuse("train.epochs", "null needs train.max_steps (the steps per task)", train.epochs)
+    if train.global_batch_size % (train.micro_batch_size * scaling.num_workers):
+        refuse("train.global_batch_size", f"must be a multiple of train.micro_batch_size x scaling.num_workers "
+                                          f"({train.micro_batch_size} x {scaling.num_workers})",
+               train.global_batch_size)
+    if train.engine == "deepspeed" and train.zero_stage == 3:
+        refuse("train.zero_stage", "ZeRO-3 is not supported: it partitions each parameter across workers, and "
+                                   "committing a task exports its atoms whole from one worker; use 0, 1 or 2",
+               train.zero_stage)
+    if scaling.use_gpu and scaling.gpus_per_worker == 0:
+        refuse("scaling.gpus_per_worker", "must be > 0 with scaling.use_gpu", scaling.gpus_per_worker)
+    return problems
 
 
-def _positive_or_none(value: int | None) -> bool:
-    return value is None or value >= 1
+# -- the key reference (docs/config.md) --------------------------------------------------------
+def reference() -> str:
+    """docs/config.md: every key of a job config with its type, default and description."""
+    lines = ["# Job config reference", "",
+             "<!-- Generated by `python -m moram_platform.config --print-reference > docs/config.md`; "
+             "tests/test_config.py checks it is current. Do not edit by hand. -->", "",
+             "Every key of a job config (`jobs/configs/<benchmark>/*.yaml`, `--set key.path=value`). A bad value "
+             "stops the job before anything starts, with one line per bad key: `key.path: message, got value`.",
+             ""]
+    top = dict(_fields(JobConfig))
+    for name in BENCHMARKS:
+        if section_model(name) is not None:
+            top[name] = _fields(config_model(name))[name]
+    lines += ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, info in top.items():
+        if not _is_section(info.annotation):
+            lines.append(_row(name, info))
+    for name, info in top.items():
+        if _is_section(info.annotation):
+            lines += ["", f"## `{name}:`", "", info.description or "", "",
+                      "| key | type | default | description |", "|---|---|---|---|"]
+            lines += [_row(f"{name}.{key}", field) for key, field in _fields(info.annotation).items()]
+    lines += ["", _ADD_A_BENCHMARK]
+    return "\n".join(lines) + "\n"
 
 
-def _epochs_ok(epochs: list[int] | int | None, max_steps: int | None) -> bool:
-    if epochs is None:
-        return max_steps is not None
-    values = [epochs] if isinstance(epochs, int) else epochs
-    return bool(values) and all(v >= 1 for v in values)
+_ADD_A_BENCHMARK = """## Adding a benchmark
+
+A third benchmark `foo` is one package, one table line, a job and its configs:
+
+1. `platform/moram_platform/foo/benchmark.py`: a class implementing the `Benchmark` protocol of
+   `platform/moram_platform/benchmark.py` (`name`, `moram_defaults`, `validate_config`,
+   `eval_profile`, `summary`, `validate`, `load_model`, `model_ref`, `train_examples`, `collate`,
+   `loss`, `evaluate`).
+2. Optional: `platform/moram_platform/foo/config.py`: the `foo:` config section, a pydantic model
+   (`moram_platform.sections.Section`, every field with a `description`; a `resolve_paths()`
+   method if it holds local paths the Ray workers must read).
+3. `platform/moram_platform/benchmark.py`: one line in `BENCHMARKS`,
+   `"foo": BenchmarkEntry("moram_platform.foo.benchmark:FooBenchmark", section="moram_platform.foo.config:FooSection")`.
+   Config validation, the sequence driver, Ray Train workers and Tune read the benchmark from there.
+4. `jobs/foo.py` (a copy of `jobs/trace.py` with its default config) and `jobs/configs/foo/*.yaml`
+   (`benchmark: foo`); `tune_spaces/foo.yaml` for sweeps.
+5. Regenerate this file: `python -m moram_platform.config --print-reference > docs/config.md`."""
 
 
-def _value_at(config: JobConfig, key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+def _fields(model: type) -> dict[str, Any]:
+    return getattr(model, "__pydantic_fields__", None) or model.model_fields
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and hasattr(annotation, "__pydantic_fields__")
+
+
+def _row(key: str, info: Any) -> str:
+    default = info.default_factory() if info.default_factory is not None else info.default
+    shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True, width=10**6).strip()
+    shown = shown.removesuffix("\n...").removesuffix("...").strip()
+    return f"| `{key}` | {_type_name(info.annotation)} | `{shown}` | {info.description or ''} |"
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " \\| ".join(_type_name(arg) for arg in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Job config tools.")
+    parser.add_argument("--print-reference", action="store_true", help="print docs/config.md (the key reference)")
+    parser.add_argument("--check", metavar="CONFIG", help="validate a job config file")
+    args = parser.parse_args(argv)
+    if args.print_reference:
+        sys.stdout.write(reference())
+    if args.check:
+        try:
+            load_config(args.check)
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            return 2
+        print(f"{args.check}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,8 +23,6 @@ from typing import Any, Callable
 import yaml
 
 from moram import MoRAMConfig
-from moram.metrics import summarize
-
 from .benchmark import Benchmark, get_benchmark
 from .config import ConfigError, JobConfig
 from .plots import accuracy_heatmap, activation_heatmap
@@ -127,14 +125,14 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
                       parent_run_id=parent_mlflow_run)
     tags = {"moram.method": config.moram_config.method, "moram.model": model_ref[0],
             "moram.order": ",".join(config.data.tasks), "moram.registry": registry.uri,
-            "moram.benchmark": config.benchmark, "moram.eval_profile": eval_profile(config)}
+            "moram.benchmark": config.benchmark, "moram.eval_profile": benchmark.eval_profile(config)}
     parent, resumed = tracker.start_sequence(config.to_dict(), tags)
     if not resumed:
         tracker.log_text(parent, yaml.safe_dump(config.to_dict(), sort_keys=False), "resolved_config.yaml")
     log.info("run %s: %s (MLflow run %s)", run_id, "resuming" if resumed else "starting", parent)
 
     tasks = config.data.tasks
-    baseline = _evaluation_row(config, registry, run_id, 0) if config.eval.baseline else None
+    baseline = _evaluation_row(config, benchmark, registry, run_id, 0) if config.eval.baseline else None
     matrix: list[list[float]] = []
     versions: list[int] = []
     trained: list[str] = []
@@ -145,7 +143,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
             if version is None:
                 trained.append(task)
                 version = _train(config, run_id, index, model_ref, child, progress)
-            row = _evaluation_row(config, registry, run_id, version.version)
+            row = _evaluation_row(config, benchmark, registry, run_id, version.version)
             matrix.append(row)
             versions.append(version.version)
             if not finished:
@@ -158,7 +156,7 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     except BaseException:
         tracker.finish(parent, status="FAILED")
         raise
-    summary = _summary(config.benchmark, matrix, baseline, tasks) if len(matrix) == len(tasks) else {}
+    summary = benchmark.summary(matrix, baseline, tasks) if len(matrix) == len(tasks) else {}
     if summary:
         tracker.log_metrics(parent, summary)
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
@@ -184,9 +182,10 @@ def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str, pr
     return version
 
 
-def _evaluation_row(config: JobConfig, registry: Registry, run_id: str, version: int) -> list[float]:
+def _evaluation_row(config: JobConfig, benchmark: Benchmark, registry: Registry, run_id: str,
+                    version: int) -> list[float]:
     """Scores of ``version`` on every task of the order; computed once, recorded in the registry."""
-    profile = eval_profile(config)
+    profile = benchmark.eval_profile(config)
     record = read_evaluation(registry, run_id, version, profile)
     if record is None:
         scores = _evaluate_remote(config, run_id, version)
@@ -238,42 +237,6 @@ def _log_matrix(tracker: Tracker, parent: str, tasks: list[str], matrix, baselin
         tracker.log_file(parent, accuracy_heatmap(matrix, tasks, Path(folder) / "accuracy_matrix.png"))
         if baseline is not None:
             tracker.log_text(parent, matrix_csv([baseline], tasks, row_names=["zero-shot"]), "zero_shot_row.csv")
-
-
-# What each benchmark reports (DESIGN.md, Metrics), under names that say which variant each is.
-SUMMARY_KEYS = {
-    "trace": {"OP": "OP", "BWT_signed": "BWT_signed", "BWT_eq10": "BWT_eq10",
-              "reference_forgetting_magnitude": "reference_forgetting_magnitude", "FWT": "FWT"},
-    "xtail": {"xtail_transfer": "transfer", "xtail_average": "average", "xtail_last": "last", "OP": "OP",
-              "BWT_signed": "BWT_signed", "BWT_eq10": "BWT_eq10"},
-}
-
-
-def eval_profile(config: JobConfig) -> str:
-    """The evaluation profile scores are recorded under: TRACE's configured one; X-TAIL has one."""
-    return "xtail-union" if config.benchmark == "xtail" else config.eval.profile
-
-
-def _summary(benchmark: str, matrix: list[list[float]], baseline: list[float] | None,
-             tasks: list[str]) -> dict[str, float]:
-    values = summarize(matrix, baseline=baseline)
-    summary = {name: values[key] for key, name in SUMMARY_KEYS[benchmark].items() if key in values}
-    if benchmark == "xtail":
-        summary.update(xtail_per_task(matrix, tasks))
-    return summary
-
-
-def xtail_per_task(matrix: list[list[float]], tasks: list[str]) -> dict[str, float]:
-    """X-TAIL's metrics per domain j (DESIGN.md, before the mean over domains): transfer/<j> =
-    mean_{i<j} R[i][j] (none for the first domain), average/<j> = mean_i R[i][j], last/<j> = R[T][j]."""
-    values: dict[str, float] = {}
-    for j, task in enumerate(tasks):
-        column = [row[j] for row in matrix]
-        if j > 0:
-            values[f"transfer/{task}"] = sum(column[:j]) / j
-        values[f"average/{task}"] = sum(column) / len(column)
-        values[f"last/{task}"] = column[-1]
-    return values
 
 
 def _committed(actor, number: int):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -122,14 +121,6 @@ class Tracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
-    def log_series(self, run_id: str, key: str, values: Iterable[float], first_step: int = 1) -> None:
-        import time
-
-        now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
-
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(redact(v))) for k, v in tags.items()])
 
@@ -160,7 +151,3 @@ def matrix_csv(matrix: list[list[float | None]], tasks: list[str], row_names: li
 
 def _metric_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
-
-
-def ensure_env_defaults() -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

