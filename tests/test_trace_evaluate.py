@@ -2,9 +2,17 @@
 weights: these tests are about batching, padding, decoding and bookkeeping, not quality)."""
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from moram_platform.trace.data import load_split
-from moram_platform.trace.evaluate import PROFILES, evaluate_task, generate_answers, get_profile
+from moram_platform.trace.evaluate import (
+    MAX_NEW_TOKENS,
+    PROFILES,
+    EvaluationProfile,
+    evaluate_task,
+    generate_answers,
+    get_profile,
+)
 from moram_platform.trace.tokenize import TokenizationConfig
 
 SHORT_PROMPTS = TokenizationConfig(max_prompt_tokens=96)  # FOMC prompts: 56-117 tokens
@@ -48,7 +56,7 @@ def fomc(trace_root):
     return load_split(trace_root, "FOMC", "test", max_examples=5)
 
 
-@pytest.mark.parametrize("profile", ["reference", "trace"])
+@pytest.mark.parametrize("profile", list(PROFILES))
 def test_evaluate_task_records_the_profile_and_pads_left(tiny_llama, smollm2_tokenizer, fomc, profile):
     spy = SpyGenerator(tiny_llama)
     result = evaluate_task(spy, smollm2_tokenizer, fomc, "FOMC", profile, max_new_tokens=3, batch_size=2,
@@ -68,15 +76,27 @@ def test_evaluate_task_records_the_profile_and_pads_left(tiny_llama, smollm2_tok
     assert padded_rows > 0, "the test needs prompts of different lengths"
 
 
-def test_profiles_are_the_documented_protocols():
-    reference, trace = get_profile("reference"), get_profile("trace")
-    assert reference.generation == {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2,
-                                    "no_repeat_ngram_size": 3}
-    assert reference.extraction == "lenient"
-    assert trace.generation["do_sample"] is True and trace.generation["temperature"] == 0.1
-    assert trace.extraction == "exact"
-    with pytest.raises(ValueError, match="unknown evaluation profile 'greedy'; choose one of reference, trace"):
-        get_profile("greedy")
+def test_profiles_are_the_official_protocols():
+    assert list(PROFILES) == ["moram-repo", "trace", "lenient"]
+    # MoRAM TRACE/inference/infer_part.py l. 303-315: greedy, repetition penalty 1.2, no
+    # repeated 3-gram (temperature is passed but unused without sampling; one sequence).
+    moram_repo = get_profile("moram-repo")
+    assert moram_repo.generation == {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2,
+                                     "no_repeat_ngram_size": 3}
+    assert moram_repo.scoring == "moram-repo"
+    # TRACE inference/infer_multi.py l. 117-121, 186-191: sampling at temperature 0.1, HF's
+    # top-k 50 / top-p 1.0 defaults.
+    trace = get_profile("trace")
+    assert trace.generation == {"do_sample": True, "temperature": 0.1, "top_k": 50, "top_p": 1.0}
+    assert trace.scoring == "trace"
+    assert get_profile("lenient").generation == moram_repo.generation and get_profile("lenient").scoring == "lenient"
+    # Both runner scripts: --max_ans_len 512 (MoRAM runner_moram.sh l. 71, TRACE scripts/infer_seq.sh).
+    assert MAX_NEW_TOKENS == 512
+    with pytest.raises(ValueError, match="unknown evaluation profile 'reference'; choose one of moram-repo, trace, "
+                                         "lenient"):
+        get_profile("reference")
+    with pytest.raises(ValueError, match="scoring must be one of moram-repo, trace, lenient, got 'fuzzy'"):
+        EvaluationProfile("x", {}, "fuzzy", "")
 
 
 def test_only_new_tokens_are_decoded_and_scored(smollm2_tokenizer, fomc):
@@ -94,15 +114,68 @@ def test_left_padded_batches_generate_what_single_prompts_do(tiny_llama, smollm2
     # Greedy decoding: padding a prompt on the left must not change what it generates.
     prompts = [e.prompt for e in fomc]
     kwargs = dict(max_new_tokens=4, tokenization=SHORT_PROMPTS, progress=False)
-    batched = generate_answers(tiny_llama, smollm2_tokenizer, prompts, "reference", batch_size=5, **kwargs)
-    single = generate_answers(tiny_llama, smollm2_tokenizer, prompts, "reference", batch_size=1, **kwargs)
+    batched = generate_answers(tiny_llama, smollm2_tokenizer, prompts, "moram-repo", batch_size=5, **kwargs)
+    single = generate_answers(tiny_llama, smollm2_tokenizer, prompts, "moram-repo", batch_size=1, **kwargs)
     assert batched == single
 
 
 def test_bad_arguments(tiny_llama, smollm2_tokenizer, fomc):
     with pytest.raises(ValueError, match="no TRACE metric for 'Lima'"):
-        evaluate_task(tiny_llama, smollm2_tokenizer, fomc, "Lima", "reference", progress=False)
+        evaluate_task(tiny_llama, smollm2_tokenizer, fomc, "Lima", "moram-repo", progress=False)
     with pytest.raises(ValueError, match="FOMC: no examples"):
-        evaluate_task(tiny_llama, smollm2_tokenizer, [], "FOMC", "reference", progress=False)
+        evaluate_task(tiny_llama, smollm2_tokenizer, [], "FOMC", "moram-repo", progress=False)
     with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
-        evaluate_task(tiny_llama, smollm2_tokenizer, fomc, "FOMC", "reference", batch_size=0, progress=False)
+        evaluate_task(tiny_llama, smollm2_tokenizer, fomc, "FOMC", "moram-repo", batch_size=0, progress=False)
+
+
+class ForceTokens(LogitsProcessor):
+    """Row i generates ``i`` copies of ``token`` and then EOS, whatever the model says."""
+
+    def __init__(self, token: int, eos: int):
+        self.token, self.eos, self.prompt_length = token, eos, None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            forced[row, self.eos if generated >= row else self.token] = 0.0
+        return forced
+
+
+class KeepOutput:
+    def __init__(self, model):
+        self.model, self.outputs = model, []
+
+    def generate(self, **kwargs):
+        self.outputs.append(self.model.generate(**kwargs))
+        return self.outputs[-1]
+
+
+def test_generation_stops_at_eos_for_every_row(tiny_llama, smollm2_tokenizer, fomc):
+    # Rows finish after 0, 1 and 2 tokens; HF pads finished rows and stops when all are done:
+    # 3 new columns, not max_new_tokens (512), and the padding is not decoded.
+    tok = smollm2_tokenizer
+    a = tok("A", add_special_tokens=False)["input_ids"]
+    assert len(a) == 1
+    profile = EvaluationProfile("forced", {"do_sample": False, "logits_processor": LogitsProcessorList(
+        [ForceTokens(a[0], tok.eos_token_id)])}, "moram-repo", "test")
+    model = KeepOutput(tiny_llama)
+    prompts = [e.prompt for e in fomc[:3]]
+    answers = generate_answers(model, tok, prompts, profile, batch_size=3, tokenization=SHORT_PROMPTS,
+                               progress=False)
+    assert answers == ["", "A", "AA"]
+    longest_prompt = max(min(len(tok(p, add_special_tokens=False)["input_ids"]), 96) for p in prompts)
+    assert model.outputs[0].shape[1] == longest_prompt + 3
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    assert model.outputs[0][:, -3:].tolist() == [[eos, pad, pad], [a[0], eos, pad], [a[0], a[0], eos]]
+
+
+def test_a_tokenizer_without_eos_is_refused(tiny_llama, smollm2_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="has no EOS token, so generation could not stop before max_new_tokens"):
+        generate_answers(tiny_llama, tok, ["x"], "moram-repo", progress=False)

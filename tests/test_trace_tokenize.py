@@ -88,6 +88,25 @@ def test_prompt_is_cut_from_the_left_and_answer_from_the_right(smollm2_tokenizer
     assert tokenized.answer_ids == full_answer[:8]  # truncated answer: no EOS, it did not end there
 
 
+def test_meetingbank_prompt_keeps_its_start(smollm2_tokenizer, trace_root):
+    # MoRAM TRACE/utils/data/data_collator.py l. 60-76, 215-223: for MeetingBank the tokenizer's
+    # truncation_side is "right": the instruction and the transcript's start are kept.
+    tok = smollm2_tokenizer
+    example = load_split(trace_root, "MeetingBank", "test", max_examples=1)[0]
+    config = TokenizationConfig(max_prompt_tokens=16, long_prompt_tasks={"MeetingBank": 32}, max_answer_tokens=8)
+    full_prompt = ids(tok, example.prompt)
+    tokenized = tokenize_example(tok, example, config, task="MeetingBank")
+    assert tokenized.prompt_ids == full_prompt[:32]
+    assert tok.decode(tokenized.prompt_ids).startswith("Write a summary of the following meeting transcripts.")
+    generation = GenerationCollator(tok, task="MeetingBank", config=config)([example])
+    assert generation["input_ids"][0].tolist() == full_prompt[:32]
+    # Other tasks keep the end; the set of tasks is configurable.
+    assert tokenize_example(tok, example, config, task="FOMC").prompt_ids == full_prompt[-16:]
+    assert config.keeps_prompt_start("MeetingBank") and not config.keeps_prompt_start("FOMC")
+    left = TokenizationConfig(long_prompt_tasks={"MeetingBank": 32}, keep_start_tasks=frozenset())
+    assert tokenize_example(tok, example, left, task="MeetingBank").prompt_ids == full_prompt[-32:]
+
+
 def test_meetingbank_gets_the_longer_prompt_limit(smollm2_tokenizer, trace_root):
     config = TokenizationConfig()
     limits = (config.prompt_limit("MeetingBank"), config.prompt_limit("FOMC"), config.max_answer_tokens)
@@ -146,6 +165,7 @@ def test_tokenizer_that_adds_bos_and_has_no_pad(bos_tokenizer):
         ({"max_prompt_tokens": 0}, "max_prompt_tokens: must be a positive integer, got 0"),
         ({"max_answer_tokens": 1.5}, "max_answer_tokens: must be a positive integer"),
         ({"long_prompt_tasks": {"MeetingBank": -1}}, "long_prompt_tasks.MeetingBank: must be a positive integer"),
+        ({"keep_start_tasks": "MeetingBank"}, "keep_start_tasks: must be a collection of task names"),
     ],
 )
 def test_bad_limits_name_the_key(kwargs, message):

@@ -14,7 +14,8 @@ from .data import (
 from .evaluate import PROFILES, EvaluationProfile, evaluate_task, generate_answers, get_profile
 from .task_metrics import (
     ANSWER_EXTRACTORS,
-    EXTRACTION_MODES,
+    LENIENT_EXTRACTION,
+    SCORINGS,
     TASK_METRIC,
     accuracy,
     edit_similarity,

@@ -1,12 +1,16 @@
 """Evaluate a causal LM on a TRACE task under a named, recorded evaluation profile.
 
-Two profiles, because published TRACE numbers come from two different protocols:
+A profile is a decoding recipe plus a set of scoring rules (``task_metrics.SCORINGS``):
 
-- ``"reference"``: the reference MoRAM repo: greedy decoding, repetition penalty 1.2, no
-  repeated 3-gram, lenient answer extraction (the answer is found inside a chattier output);
-- ``"trace"``: TRACE's original: sampling at temperature 0.1 (top-k 50, top-p 1.0, the HF
-  defaults TRACE ran with), exact-match answers.
+- ``"moram-repo"``: the official MoRAM code (TRACE/inference/infer_part.py: greedy, repetition
+  penalty 1.2, no repeated 3-gram; its scoring, quirks included: see ``task_metrics``);
+- ``"trace"``: TRACE's original (inference/infer_*.py: sampling at temperature 0.1 with the HF
+  defaults top-k 50, top-p 1.0; whole-string exact match);
+- ``"lenient"``: moram-repo's decoding with a cleaned scoring that finds the answer inside a
+  chattier generation (first choice letter or stance word, first number, first line).
 
+Both official codes generate up to 512 new tokens (their runner scripts' ``--max_ans_len``) and
+stop at EOS; so do we, for every row of a batch (a finished row is padded until all are done).
 Every result records its profile: scores from different profiles are not comparable.
 """
 from __future__ import annotations
@@ -19,32 +23,47 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TraceExample
-from .task_metrics import TASK_METRIC, score_task
+from .task_metrics import SCORINGS, TASK_METRIC, score_task
 from .tokenize import GenerationCollator, TokenizationConfig
 
-__all__ = ["PROFILES", "EvaluationProfile", "evaluate_task", "generate_answers", "get_profile"]
+__all__ = ["MAX_NEW_TOKENS", "PROFILES", "EvaluationProfile", "evaluate_task", "generate_answers", "get_profile"]
+
+MAX_NEW_TOKENS = 512  # both official runners: --max_ans_len 512
 
 
 @dataclass(frozen=True)
 class EvaluationProfile:
     name: str
     generation: Mapping[str, Any]  # keyword arguments for model.generate
-    extraction: str  # answer-extraction mode for accuracy tasks: "lenient" or "exact"
+    scoring: str  # the scoring rules, one of task_metrics.SCORINGS
     description: str
 
+    def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"profile {self.name!r}: scoring must be one of {', '.join(SCORINGS)}, "
+                             f"got {self.scoring!r}")
+
+
+_GREEDY_NO_REPEAT = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
 
 PROFILES: dict[str, EvaluationProfile] = {
-    "reference": EvaluationProfile(
-        name="reference",
-        generation={"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
-        extraction="lenient",
-        description="reference MoRAM repo: greedy, repetition penalty 1.2, no-repeat 3-gram, lenient answers",
+    "moram-repo": EvaluationProfile(
+        name="moram-repo",
+        generation=_GREEDY_NO_REPEAT,
+        scoring="moram-repo",
+        description="official MoRAM code: greedy, repetition penalty 1.2, no-repeat 3-gram; its scoring, quirks included",
     ),
     "trace": EvaluationProfile(
         name="trace",
         generation={"do_sample": True, "temperature": 0.1, "top_k": 50, "top_p": 1.0},
-        extraction="exact",
+        scoring="trace",
         description="TRACE original: sampling at temperature 0.1, exact-match answers",
+    ),
+    "lenient": EvaluationProfile(
+        name="lenient",
+        generation=_GREEDY_NO_REPEAT,
+        scoring="lenient",
+        description="moram-repo decoding, cleaned scoring: the answer found inside a chattier generation",
     ),
 }
 
@@ -76,18 +95,23 @@ def _answer_of(example) -> str:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | EvaluationProfile, *,
-                     task: str | None = None, max_new_tokens: int = 512, batch_size: int = 8,
+                     task: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                      tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
                      progress: bool = True) -> list[str]:
     """Generate for each prompt (left-padded batches) and decode only the new tokens.
 
     ``model`` is any HF causal LM, or a wrapper exposing ``.generate`` with HF semantics
     (returns prompt + new tokens). ``seed`` seeds torch's global RNG (the "trace" profile samples).
+    A batch stops when every row has produced EOS (finished rows get the pad token, which is
+    not decoded), so short answers cost a few steps however large ``max_new_tokens`` is.
     """
     profile = get_profile(profile)
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__}: has no EOS token, so generation could not stop "
+                         f"before max_new_tokens ({max_new_tokens})")
     collate = GenerationCollator(tokenizer, task=task, config=tokenization)
     device = _device_of(model)
     was_training = getattr(model, "training", False)
@@ -117,7 +141,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
 
 
 def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[str, str]], task: str,
-                  profile: str | EvaluationProfile, *, max_new_tokens: int = 512, batch_size: int = 8,
+                  profile: str | EvaluationProfile, *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                   tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """``{"task", "metric", "score" (0-100), "profile", "n"}`` for ``model`` on ``examples``."""
@@ -131,5 +155,5 @@ def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[st
                                    batch_size=batch_size, tokenization=tokenization, seed=seed, progress=progress)
     # SARI's source is the prompt, as in TRACE's 20Minuten evaluation.
     score = score_task(task, predictions, [_answer_of(e) for e in examples], sources=prompts,
-                       extraction=profile.extraction)
+                       scoring=profile.scoring)
     return {"task": task, "metric": TASK_METRIC[task], "score": score, "profile": profile.name, "n": len(examples)}

@@ -1,16 +1,16 @@
-"""TRACE task metrics, each on a 0-100 scale.
+"""TRACE task metrics, each on a 0-100 scale, under a named set of scoring rules (``SCORINGS``):
 
-- accuracy: C-STANCE, FOMC, ScienceQA, NumGLUE-cm, NumGLUE-ds (and the standard-CL
-  classification tasks), after a named answer-extraction strategy is applied to both the
-  prediction and the reference;
-- ROUGE-L F1 (MeetingBank), from the maintained ``rouge-score`` package;
-- edit similarity (Py150): TRACE's ``fuzz.ratio`` on code with literal placeholders restored,
-  via ``rapidfuzz.fuzz.ratio`` (the maintained equivalent; unrounded, where fuzzywuzzy
-  returns an int);
-- SARI (20Minuten): Xu et al. 2016, as the HF ``evaluate`` metric that TRACE calls
-  (tensor2tensor variant: 0/0 = 1, fixed keep recall; lowercase + sacreBLEU 13a tokens).
+- ``"moram-repo"``: exactly as the official MoRAM code scores (``Artificer-AI-Lab/MoRAM``:
+  TRACE/inference/infer_multi_command.py, TRACE/metrics.py, TRACE/evaluations/*.py), its quirks
+  included and named below;
+- ``"trace"``: as TRACE's original code scores (``BeyonderXX/TRACE``: metrics.py, evaluations/);
+- ``"lenient"``: a cleaned reading that finds the answer inside a chattier generation.
 
-As in TRACE, an empty prediction scores 0 and still counts in the mean.
+Metrics: accuracy (C-STANCE, FOMC, ScienceQA, NumGLUE-cm/ds and the standard-CL tasks),
+ROUGE-L (MeetingBank; the ``rouge`` package's summary-level "f", as both codes call it),
+edit similarity (Py150; ``fuzz.ratio`` on code with literal placeholders restored) and SARI
+(20Minuten; as the HF ``evaluate``/``datasets`` metric both codes load). As in both codes, an
+empty prediction scores 0 and still counts in the mean.
 """
 from __future__ import annotations
 
@@ -19,13 +19,17 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 from .data import STANDARD_CL_TASKS
+from .math_answers import math_accuracy
 
 __all__ = [
-    "ANSWER_EXTRACTORS", "EXTRACTION_MODES", "TASK_METRIC", "accuracy", "answer_extractor", "edit_similarity",
-    "extract_choice_letter", "extract_cstance_choice", "extract_exact", "extract_first_char",
-    "extract_first_line", "extract_fomc_choice", "extract_number", "restore_py150_literals", "rouge_l",
-    "sari", "score_task", "tokenize_13a",
+    "ANSWER_EXTRACTORS", "LENIENT_EXTRACTION", "MORAM_REPO_CHOICE_LABELS", "SCORINGS", "TASK_METRIC",
+    "accuracy", "edit_similarity", "exact_accuracy", "extract_choice_letter", "extract_cstance_choice",
+    "extract_exact", "extract_first_char", "extract_first_line", "extract_fomc_choice", "extract_number",
+    "lenient_extractor", "moram_repo_choice", "moram_repo_postprocess", "prefix_accuracy",
+    "restore_py150_literals", "rouge_l", "sari", "science_qa_answer", "score_task", "tokenize_13a",
 ]
+
+SCORINGS = ("moram-repo", "trace", "lenient")
 
 TASK_METRIC = {
     "C-STANCE": "accuracy",
@@ -40,16 +44,97 @@ TASK_METRIC = {
 }
 
 
-# -- answer extraction -----------------------------------------------------------------------
+def _check_lengths(predictions: Sequence[str], references: Sequence, *others: Sequence) -> None:
+    if not predictions:
+        raise ValueError("nothing to score: no predictions")
+    lengths = {len(predictions), len(references), *(len(o) for o in others)}
+    if len(lengths) != 1:
+        raise ValueError(f"predictions ({len(predictions)}), references ({len(references)})"
+                         + "".join(f", sources ({len(o)})" for o in others) + " differ in length")
+
+
+# -- "moram-repo": the official MoRAM code's answer reading ------------------------------------
+# infer_multi_command.py CHOICE_TASK_LABELS: these tasks' generations are turned into a letter
+# before scoring. Quirk: the standard-CL tasks among them have WORD labels in the data
+# ("False", "negative", "Business"), so a correct word answer becomes a letter ("False" -> "A")
+# and fails; only words without a label letter in them survive ("True", "positive", "Sports").
+MORAM_REPO_CHOICE_LABELS: dict[str, tuple[str, ...]] = {
+    "C-STANCE": tuple("ABC"), "FOMC": tuple("ABC"), "BoolQA": tuple("AB"), "QQP": tuple("AB"),
+    "amazon": tuple("ABCD"), "yelp": tuple("ABCD"), "agnews": tuple("ABCD"),
+    "dbpedia": tuple("ABCDEFGH"), "yahoo": tuple("ABCDEFGHIJ"),
+}
+
+
+def moram_repo_choice(text: str, labels: Sequence[str]) -> str:
+    """infer_multi_command.postprocess_predictions for one generation: the first label letter
+    standing alone (case-insensitive, so the article "a" reads as A), else the first character
+    anywhere that is a label letter ("neutral" -> "A"), else the stripped text unchanged."""
+    text = str(text).strip()
+    alone = re.search(rf"\b([{''.join(labels)}])\b", text, re.IGNORECASE)
+    if alone:
+        return alone.group(1).upper()
+    return next((char.upper() for char in text if char.upper() in labels), text)
+
+
+def moram_repo_postprocess(task: str, predictions: Sequence[str]) -> list[str]:
+    """The generations as the official code scores them: letters for ``MORAM_REPO_CHOICE_LABELS``."""
+    if task not in MORAM_REPO_CHOICE_LABELS:
+        return list(predictions)
+    return [moram_repo_choice(p, MORAM_REPO_CHOICE_LABELS[task]) for p in predictions]
+
+
+def science_qa_answer(text: str) -> str:
+    """eval_ScienceQA.resolve (MoRAM): the first character of the stripped text, "N/A" if empty."""
+    text = str(text).strip()
+    return text[0] if text else "N/A"
+
+
+def prefix_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """MoRAM metrics.caculate_accuracy: the stripped prediction cut to the reference's length
+    equals the (unstripped) reference, i.e. it STARTS WITH it ("Bad movie" counts for "Bad")."""
+    _check_lengths(predictions, references)
+    hits = 0
+    for prediction, reference in zip(predictions, references):
+        prediction = str(prediction).strip()
+        head = prediction[:min(len(reference), len(prediction))]
+        hits += head != "" and reference != "" and head == reference
+    return 100.0 * hits / len(predictions)
+
+
+def _moram_repo_accuracy(task: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+    _check_lengths(predictions, references)
+    predictions = moram_repo_postprocess(task, predictions)
+    if task == "ScienceQA":
+        return prefix_accuracy([science_qa_answer(p) for p in predictions],
+                               [science_qa_answer(r) for r in references])
+    if task in ("NumGLUE-cm", "NumGLUE-ds"):  # eval_NumGLUE_*: the Qwen2.5-Math parser
+        return 100.0 * math_accuracy(predictions, references)
+    return prefix_accuracy(predictions, references)  # eval_<task>, or eval_QQP for the rest
+
+
+# -- "trace": TRACE's original reading -----------------------------------------------------------
+def exact_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """TRACE metrics.caculate_accuracy: the raw prediction equals the reference (nothing stripped)."""
+    _check_lengths(predictions, references)
+    hits = sum(p != "" and r != "" and p == r for p, r in zip(predictions, references))
+    return 100.0 * hits / len(predictions)
+
+
+def _trace_accuracy(task: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+    if task == "ScienceQA":  # TRACE eval_ScienceQA.resolve: the first character, unstripped
+        return exact_accuracy([p[:1] for p in predictions], [r[:1] for r in references])
+    return exact_accuracy(predictions, references)
+
+
+# -- "lenient": the answer found inside a chattier generation ----------------------------------
 def extract_exact(text: str) -> str:
-    """The whole text, surrounding whitespace removed (TRACE compares whole strings)."""
+    """The whole text, surrounding whitespace removed."""
     return text.strip()
 
 
 def extract_first_char(text: str) -> str:
-    """The first character: TRACE's ScienceQA reading of "B\\n<reasoning>" answers."""
+    """The first character of the stripped text ("B\\n<reasoning>" -> "B")."""
     return text.strip()[:1]
-
 
 _TRAILING_PUNCT = ".。!！?？,，;；:："
 
@@ -124,39 +209,21 @@ ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {
     "number": extract_number,
 }
 
-# Per mode: {task: strategy}, and "*" for every other accuracy task.
-EXTRACTION_MODES: dict[str, dict[str, str]] = {
-    # TRACE's original: whole-string exact match; ScienceQA answers are read by first character.
-    "exact": {"ScienceQA": "first_char", "*": "exact"},
-    # The reference MoRAM repo's leniency: the answer is found inside a chattier generation.
-    "lenient": {
-        "C-STANCE": "cstance_choice",
-        "FOMC": "fomc_choice",
-        "ScienceQA": "choice_letter",
-        "NumGLUE-cm": "number",
-        "NumGLUE-ds": "number",
-        "COPA": "choice_letter",
-        "*": "first_line",
-    },
+# The lenient strategy per task; "*" for every other accuracy task.
+LENIENT_EXTRACTION: dict[str, str] = {
+    "C-STANCE": "cstance_choice",
+    "FOMC": "fomc_choice",
+    "ScienceQA": "choice_letter",
+    "NumGLUE-cm": "number",
+    "NumGLUE-ds": "number",
+    "COPA": "choice_letter",
+    "*": "first_line",
 }
 
 
-def answer_extractor(task: str, mode: str) -> str:
-    """The strategy name that ``mode`` ("exact" or "lenient") uses for ``task``."""
-    if mode not in EXTRACTION_MODES:
-        raise ValueError(f"extraction: unknown mode {mode!r}; choose one of {', '.join(EXTRACTION_MODES)}")
-    strategies = EXTRACTION_MODES[mode]
-    return strategies.get(task, strategies["*"])
-
-
-# -- metrics ---------------------------------------------------------------------------------
-def _check_lengths(predictions: Sequence[str], references: Sequence, *others: Sequence) -> None:
-    if not predictions:
-        raise ValueError("nothing to score: no predictions")
-    lengths = {len(predictions), len(references), *(len(o) for o in others)}
-    if len(lengths) != 1:
-        raise ValueError(f"predictions ({len(predictions)}), references ({len(references)})"
-                         + "".join(f", sources ({len(o)})" for o in others) + " differ in length")
+def lenient_extractor(task: str) -> str:
+    """The strategy name the lenient scoring uses for ``task``."""
+    return LENIENT_EXTRACTION.get(task, LENIENT_EXTRACTION["*"])
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str],
@@ -174,16 +241,42 @@ def accuracy(predictions: Sequence[str], references: Sequence[str],
     return 100.0 * hits / len(predictions)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge-score``, no stemming) x 100."""
-    from rouge_score import rouge_scorer
+_ACCURACY_RULES: dict[str, Callable[[str, Sequence[str], Sequence[str]], float]] = {
+    "moram-repo": _moram_repo_accuracy,
+    "trace": _trace_accuracy,
+    "lenient": lambda task, predictions, references: accuracy(predictions, references, lenient_extractor(task)),
+}
 
+
+# -- ROUGE-L (MeetingBank) ---------------------------------------------------------------------
+def _rouge_l_f(prediction: str, reference: str) -> float:
+    from rouge import Rouge
+
+    try:
+        return Rouge(metrics=["rouge-l"]).get_scores(prediction, reference, avg=True)["rouge-l"]["f"]
+    except ValueError:  # a text of dots only: no sentence left after splitting on "." (TRACE crashes)
+        return 0.0
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], *, hypothesis_newline: bool = False) -> float:
+    """Mean ROUGE-L "f" of the ``rouge`` package (summary level: sentences split on ".",
+    distinct words, union LCS; F = 2PR/(P+R+1e-8)) x 100; empty texts score 0 and count.
+
+    ``hypothesis_newline``: the MoRAM metrics.score_rouge quirk, a "\\n" appended to a prediction
+    without one; after a final "." it becomes an extra empty word, which lowers precision.
+    """
     _check_lengths(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    total = sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+    total = 0.0
+    for prediction, reference in zip(predictions, references):
+        if prediction == "" or reference == "":
+            continue
+        if hypothesis_newline and "\n" not in prediction:
+            prediction += "\n"
+        total += _rouge_l_f(prediction, reference)
     return 100.0 * total / len(predictions)
 
 
+# -- edit similarity (Py150) -------------------------------------------------------------------
 _BARE_LITERALS = {"<NUM_LIT>": "0", "<STR_LIT>": "", "<CHAR_LIT>": ""}
 _VALUED_LITERAL = re.compile(r"<(?:STR|NUM|CHAR)_LIT:(.*?)>", re.S)
 
@@ -196,15 +289,25 @@ def restore_py150_literals(code: str) -> str:
     return _VALUED_LITERAL.sub(lambda m: m.group(1), code)
 
 
-def edit_similarity(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ``fuzz.ratio`` (0-100): 100 * (1 - indel distance / (len(a) + len(b)))."""
-    from rapidfuzz import fuzz
+def _fuzz_ratio(prediction: str, reference: str, rounded: bool) -> float:
+    from rapidfuzz.distance import Indel
 
+    if not prediction or not reference:
+        return 0.0
+    total = len(prediction) + len(reference)
+    ratio = 100 * ((total - Indel.distance(prediction, reference)) / total)
+    # fuzzywuzzy (with python-Levenshtein) returns int(round(100 * ratio)): Python's rounding.
+    return float(int(round(ratio))) if rounded else ratio
+
+
+def edit_similarity(predictions: Sequence[str], references: Sequence[str], *, rounded: bool = True) -> float:
+    """Mean ``fuzz.ratio`` (0-100): 100 * (1 - indel distance / (len(a) + len(b))), per example
+    rounded to an int as fuzzywuzzy does (``rounded=False``: the exact ratio)."""
     _check_lengths(predictions, references)
-    total = sum(fuzz.ratio(pred, ref) if pred and ref else 0.0 for pred, ref in zip(predictions, references))
-    return total / len(predictions)
+    return sum(_fuzz_ratio(p, r, rounded) for p, r in zip(predictions, references)) / len(predictions)
 
 
+# -- SARI (20Minuten) --------------------------------------------------------------------------
 # sacreBLEU's 13a tokenizer (mteval-v13a), which HF's SARI applies after lower-casing.
 _13A_RULES = [
     (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
@@ -281,22 +384,21 @@ def sari(sources: Sequence[str], predictions: Sequence[str],
 
 
 def score_task(task: str, predictions: Sequence[str], references: Sequence[str], *,
-               sources: Sequence[str] | None = None, extraction: str = "exact") -> float:
-    """``task``'s TRACE metric (``TASK_METRIC``), 0-100.
-
-    ``extraction`` is the answer-extraction mode for accuracy tasks ("exact" or "lenient");
-    ``sources`` (the prompts) are needed for SARI.
-    """
+               sources: Sequence[str] | None = None, scoring: str = "moram-repo") -> float:
+    """``task``'s TRACE metric (``TASK_METRIC``), 0-100, under the ``scoring`` rules
+    ("moram-repo", "trace" or "lenient"); ``sources`` (the prompts) are needed for SARI."""
     if task not in TASK_METRIC:
         raise ValueError(f"no metric for task {task!r}; known tasks: {', '.join(TASK_METRIC)}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring: unknown rules {scoring!r}; choose one of {', '.join(SCORINGS)}")
     metric = TASK_METRIC[task]
     if metric == "accuracy":
-        return accuracy(predictions, references, answer_extractor(task, extraction))
+        return _ACCURACY_RULES[scoring](task, predictions, references)
     if metric == "rouge_l":
-        return rouge_l(predictions, references)
-    if metric == "edit_similarity":
+        return rouge_l(predictions, references, hypothesis_newline=scoring == "moram-repo")
+    if metric == "edit_similarity":  # both codes use fuzzywuzzy's rounded ratio
         return edit_similarity([restore_py150_literals(p) for p in predictions],
-                               [restore_py150_literals(r) for r in references])
+                               [restore_py150_literals(r) for r in references], rounded=scoring != "lenient")
     if sources is None:
         raise ValueError(f"{task}: SARI needs the sources (the prompts)")
     return sari(sources, predictions, references)

@@ -3,7 +3,9 @@
 One example is ``[bos?] prompt answer [eos]``:
 
 - the prompt is cut from the LEFT to ``max_prompt_tokens`` (1024; MeetingBank 4096): its end,
-  the question and the answer cue, is what the model needs;
+  the question and the answer cue, is what the model needs. MeetingBank's prompt is cut on the
+  RIGHT instead, as the official MoRAM collator does (truncation_side "right" for MeetingBank):
+  the instruction and the transcript's start are kept, its end and the "Summary:" cue are lost;
 - the answer is cut on the right to ``max_answer_tokens`` (512) and gets EOS when it fits
   whole (a truncated answer did not end there, so it does not learn to stop there);
 - labels are -100 on the prompt and on padding: the loss is on answer tokens only.
@@ -16,7 +18,7 @@ Works with any Hugging Face tokenizer; one without a pad token pads with EOS.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +41,7 @@ class TokenizationConfig:
     max_answer_tokens: int = 512
     long_prompt_tasks: Mapping[str, int] = field(default_factory=lambda: {"MeetingBank": 4096})
     add_bos: bool | None = None  # None: do what the tokenizer does by default
+    keep_start_tasks: frozenset[str] = frozenset({"MeetingBank"})  # prompts cut on the right
 
     def __post_init__(self):
         limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_answer_tokens": self.max_answer_tokens,
@@ -46,9 +49,14 @@ class TokenizationConfig:
         for key, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+        if isinstance(self.keep_start_tasks, str) or not all(isinstance(t, str) for t in self.keep_start_tasks):
+            raise ValueError(f"keep_start_tasks: must be a collection of task names, got {self.keep_start_tasks!r}")
 
     def prompt_limit(self, task: str | None = None) -> int:
         return self.long_prompt_tasks.get(task, self.max_prompt_tokens)
+
+    def keeps_prompt_start(self, task: str | None = None) -> bool:
+        return task in self.keep_start_tasks
 
 
 @dataclass(frozen=True)
@@ -83,13 +91,16 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_prompt(tokenizer, prompt: str, max_tokens: int, add_bos: bool = False) -> list[int]:
-    """The prompt's token ids, cut from the left to ``max_tokens`` (BOS, if any, stays first)."""
+def encode_prompt(tokenizer, prompt: str, max_tokens: int, add_bos: bool = False,
+                  keep_start: bool = False) -> list[int]:
+    """The prompt's token ids cut to ``max_tokens`` (BOS, if any, stays first): from the left,
+    or with ``keep_start`` on the right."""
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     room = max_tokens - len(bos)
     if room < 1:
         raise ValueError(f"max_prompt_tokens: {max_tokens} leaves no room for the prompt after BOS")
-    return bos + _text_ids(tokenizer, prompt)[-room:]
+    ids = _text_ids(tokenizer, prompt)
+    return bos + (ids[:room] if keep_start else ids[-room:])
 
 
 def encode_answer(tokenizer, answer: str, max_tokens: int) -> list[int]:
@@ -118,7 +129,8 @@ def tokenize_example(tokenizer, example, config: TokenizationConfig = Tokenizati
     example = _as_example(example)
     add_bos = tokenizer_adds_bos(tokenizer) if config.add_bos is None else config.add_bos
     return TokenizedExample(
-        prompt_ids=encode_prompt(tokenizer, example.prompt, config.prompt_limit(task), add_bos),
+        prompt_ids=encode_prompt(tokenizer, example.prompt, config.prompt_limit(task), add_bos,
+                                 config.keeps_prompt_start(task)),
         answer_ids=encode_answer(tokenizer, example.answer, config.max_answer_tokens),
     )
 
@@ -164,8 +176,7 @@ class _Collator:
         self.task = task
         # Resolve the tokenizer's BOS habit once, not per example.
         add_bos = tokenizer_adds_bos(tokenizer) if config.add_bos is None else config.add_bos
-        self.config = TokenizationConfig(config.max_prompt_tokens, config.max_answer_tokens,
-                                         dict(config.long_prompt_tasks), add_bos)
+        self.config = replace(config, add_bos=add_bos)
         self.pad_id = pad_token_id(tokenizer)
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -183,6 +194,6 @@ class GenerationCollator(_Collator):
 
     def __call__(self, batch: Sequence[TraceExample | Mapping[str, str] | str]) -> dict[str, torch.Tensor]:
         prompts = [_prompt_of(e) for e in batch]
-        limit = self.config.prompt_limit(self.task)
-        encoded = [encode_prompt(self.tokenizer, p, limit, self.config.add_bos) for p in prompts]
+        limit, keep_start = self.config.prompt_limit(self.task), self.config.keeps_prompt_start(self.task)
+        encoded = [encode_prompt(self.tokenizer, p, limit, self.config.add_bos, keep_start) for p in prompts]
         return pad_for_generation(encoded, self.pad_id, self.pad_to_multiple_of)
