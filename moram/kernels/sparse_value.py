@@ -19,8 +19,8 @@ SPARSE_MIN_ATOMS_PER_K = 4
 
 
 def dense_value(coef: torch.Tensor, idx: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Reference: scatter the kept coefficients into [..., R] and multiply by B^T."""
-    mixed = coef.new_zeros(*coef.shape[:-1], B.shape[1]).scatter(-1, idx, coef)
+    """Reference: add the kept coefficients into [..., R] (a repeated index sums) and multiply by B^T."""
+    mixed = coef.new_zeros(*coef.shape[:-1], B.shape[1]).scatter_add(-1, idx, coef)
     return mixed @ B.t()
 
 

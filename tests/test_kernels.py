@@ -1,0 +1,234 @@
+"""The fast paths of moram.kernels against the specification, moram.functional.
+
+The Triton kernel runs here on CPU tensors under Triton's interpreter, which Triton fixes when
+it is first imported: TRITON_INTERPRET=1 is set below before anything imports triton (moram
+imports it lazily, on the first kernel launch). Sizes stay small: the interpreter is slow.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 - must precede the first import of triton
+
+import pytest
+import torch
+
+from moram import functional as MF
+from moram.kernels import (
+    dense_value, fused_route_mix, fused_route_topk, route_topk_reference, sparse_value, triton_available,
+)
+from test_functional import TAU, W_EVAL, W_TRAIN, X
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+BACKENDS = ["triton", "torch"]
+
+
+def reference_mix(h, k, tau, delta=None):
+    return MF.route(h, k, tau, delta) * h
+
+
+def assert_close_in(dtype, actual, expected):
+    """float32: to rounding; bfloat16: the largest error within ~2 bf16 steps of the largest value
+    (the reference rounds in bf16 between its ops, the kernel only at the end)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert actual.dtype == expected.dtype == dtype
+        error = (actual.float() - expected.float()).abs().max()
+        assert error <= 0.02 * expected.float().abs().max() + 1e-6, f"max error {error}"
+
+
+def values_and_grad(fn, h, grad_out):
+    h = h.detach().requires_grad_()
+    out = fn(h)
+    (grad_h,) = torch.autograd.grad(out, h, grad_out)
+    return out.detach(), grad_h
+
+
+# -- golden values (hand-computed in tests/test_functional.py) --------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_golden_mix_training_and_inference(backend):
+    h = X  # A = identity there, so h = x
+    torch.testing.assert_close(fused_route_mix(h, 2, TAU, backend=backend), W_TRAIN * h)
+    torch.testing.assert_close(fused_route_mix(h, 2, TAU, delta=0.65, backend=backend), W_EVAL * h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_golden_compact(backend):
+    coef, idx = fused_route_topk(X, 2, TAU, backend=backend)
+    # token 1 keeps atoms 0 and 1, token 2 atoms 0 and 2 (ascending indices)
+    assert idx.tolist() == [[0, 1], [0, 2]]
+    torch.testing.assert_close(coef, (W_TRAIN * X).gather(-1, idx))
+
+
+# -- against the specification: values and gradients -----------------------------------------
+CASES = [
+    # (name, R, k, delta)
+    ("k<R", 24, 5, None),
+    ("delta", 24, 5, 0.15),
+    ("R<k: dense softmax", 3, 16, None),
+    ("k=1 -> k_eff=2", 7, 1, None),
+    ("R=1", 1, 16, None),
+    ("R=k", 16, 16, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, R, k, delta", CASES, ids=[c[0] for c in CASES])
+def test_triton_mix_matches_route(name, R, k, delta, dtype):
+    torch.manual_seed(R * 100 + k)
+    h = torch.randn(2, 9, R).to(dtype)  # a leading shape of two dims
+    grad_out = torch.randn(2, 9, R).to(dtype)
+    out, grad = values_and_grad(lambda h: fused_route_mix(h, k, 0.3, delta, backend="triton"), h, grad_out)
+    ref_out, ref_grad = values_and_grad(lambda h: reference_mix(h, k, 0.3, delta), h, grad_out)
+    assert out.shape == h.shape and out.dtype == dtype
+    assert_close_in(dtype, out, ref_out)
+    assert_close_in(dtype, grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_matches_route(backend, dtype):
+    torch.manual_seed(1)
+    k, R = 4, 19
+    h = torch.randn(11, R).to(dtype)
+    coef, idx = fused_route_topk(h, k, 0.2, 0.1, backend=backend)
+    assert coef.shape == idx.shape == (11, 4) and idx.dtype == torch.int64
+    assert (idx.diff(dim=-1) > 0).all()  # ascending atom indices
+    dense = torch.zeros_like(h).scatter(-1, idx, coef)
+    assert_close_in(dtype, dense, reference_mix(h, k, 0.2, 0.1))
+
+    grad_out = torch.randn(11, k).to(dtype)
+    _, grad = values_and_grad(lambda h: fused_route_topk(h, k, 0.2, backend=backend)[0], h, grad_out)
+    # the same gradient as the dense mix with the incoming gradient placed on the kept atoms
+    _, ref_grad = values_and_grad(lambda h: reference_mix(h, k, 0.2), h,
+                                  torch.zeros_like(h).scatter(-1, idx, grad_out))
+    assert_close_in(dtype, grad, ref_grad)
+
+
+def test_weights_for_statistics():
+    torch.manual_seed(2)
+    h = torch.randn(6, 10)
+    mixed, w = fused_route_mix(h, 3, 0.5, 0.2, backend="triton", return_weights=True)
+    torch.testing.assert_close(w, MF.route(h, 3, 0.5, 0.2))
+    torch.testing.assert_close(mixed, w * h)
+    assert not w.requires_grad
+
+
+# -- ties: the kernel keeps the lowest atom indices among equal scores -------------------------
+def route_lowest_index_ties(h, k, tau):
+    """Eqs. 5-7 with the kernel's tie rule (a stable descending sort keeps the lowest indices)."""
+    k_eff = MF.effective_k(k, h.shape[-1])
+    s = MF.normalized_scores(h)
+    kept = s.sort(dim=-1, descending=True, stable=True).indices[..., :k_eff]
+    masked = torch.full_like(s, float("-inf")).scatter(-1, kept, s.gather(-1, kept))
+    return torch.softmax(masked / tau, dim=-1).to(h.dtype)
+
+
+TIES = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],     # all equal: atoms 0, 1 kept
+                     [1.0, 2.0, 2.0, 2.0, 0.5, 2.0],     # four tied at the top: 1, 2
+                     [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])    # zero response: 0, 1, uniform weights
+
+
+def test_ties_keep_lowest_indices_with_equal_weights():
+    mixed = fused_route_mix(TIES, 2, TAU, backend="triton")
+    kept = mixed != 0
+    assert kept[0].tolist() == [True, True, False, False, False, False]
+    assert kept[1].tolist() == [False, True, True, False, False, False]
+    torch.testing.assert_close(mixed[:2][kept[:2]], torch.tensor([0.5, 0.5, 1.0, 1.0]))  # w = 1/2 each
+    # the specification keeps the same number of atoms with the same weights, whichever tied ones
+    reference = reference_mix(TIES, 2, TAU)
+    torch.testing.assert_close(mixed.sort(dim=-1).values, reference.sort(dim=-1).values)
+    _, idx = fused_route_topk(TIES, 3, TAU, backend="triton")
+    assert idx.tolist() == [[0, 1, 2], [1, 2, 3], [0, 1, 2]]
+
+
+def test_tie_gradients_follow_the_documented_rule():
+    grad_out = torch.arange(18.0).view(3, 6) / 10
+    _, grad = values_and_grad(lambda h: fused_route_mix(h, 2, TAU, backend="triton"), TIES, grad_out)
+    _, ref_grad = values_and_grad(lambda h: route_lowest_index_ties(h, 2, TAU) * h, TIES, grad_out)
+    torch.testing.assert_close(grad, ref_grad)
+    # zero response (by hand): s = 0 everywhere, so only the direct term g·w survives, w = (.5, .5, 0...)
+    torch.testing.assert_close(grad[2], torch.tensor([0.6, 0.65, 0.0, 0.0, 0.0, 0.0]))
+
+
+# -- empty banks and dispatch -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_bank(backend):
+    h = torch.zeros(4, 0, requires_grad=True)
+    mixed = fused_route_mix(h, 16, TAU, backend=backend)
+    coef, idx = fused_route_topk(h, 16, TAU, backend=backend)
+    assert mixed.shape == coef.shape == idx.shape == (4, 0)
+    assert sparse_value(coef, idx, torch.zeros(8, 0)).tolist() == [[0.0] * 8] * 4
+
+
+def test_cpu_default_is_the_pytorch_reference():
+    torch.manual_seed(3)
+    h = torch.randn(5, 12)
+    assert torch.equal(fused_route_mix(h, 4, 0.3), reference_mix(h, 4, 0.3))
+    assert all(torch.equal(a, b) for a, b in zip(fused_route_topk(h, 4, 0.3), route_topk_reference(h, 4, 0.3)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_route_mix(h, 4, 0.3, backend="cuda")
+
+
+# -- the top-k-sparse value projection --------------------------------------------------------
+def bank_with_current_block(d_out, frozen, current, dtype):
+    """B as the layer builds it: the frozen columns, then the trainable block (scale baked in)."""
+    frozen_B = torch.randn(d_out, frozen).to(dtype)
+    current_B = torch.randn(d_out, current).to(dtype).requires_grad_()
+    return frozen_B, current_B, lambda: torch.cat([frozen_B, current_B * 2.0], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("min_atoms_per_k", [0, float("inf")], ids=["sparse", "dense"])
+def test_sparse_value_matches_dense(min_atoms_per_k, dtype):
+    torch.manual_seed(4)
+    tokens, k, d_out = 13, 3, 10
+    _, current_B, bank = bank_with_current_block(d_out, frozen=20, current=4, dtype=dtype)
+    idx = torch.stack([torch.randperm(24)[:k] for _ in range(tokens)]).sort(-1).values
+    idx[0] = torch.tensor([20, 21, 23])  # a token routed only to the current block
+    coef = torch.randn(tokens, k).to(dtype).requires_grad_()
+    grad_out = torch.randn(tokens, d_out).to(dtype)
+
+    def run(fn):
+        out = fn(coef, idx, bank())
+        return (out.detach(), *torch.autograd.grad(out, (coef, current_B), grad_out))
+
+    fast = run(lambda c, i, B: sparse_value(c, i, B, min_atoms_per_k=min_atoms_per_k))
+    # the dense reference, written out: mixed [tokens, R] with zeros outside the kept atoms
+    slow = run(lambda c, i, B: torch.zeros(tokens, 24, dtype=dtype).scatter(-1, i, c) @ B.t())
+    for a, b in zip(fast, slow):
+        assert_close_in(dtype, a, b)
+
+
+def test_sparse_value_threshold_and_shapes():
+    torch.manual_seed(5)
+    B = torch.randn(6, 40)
+    coef, idx = torch.randn(2, 3, 4), torch.randint(0, 40, (2, 3, 4))
+    out = sparse_value(coef, idx, B)  # R = 40 >= 4 * 4: the sparse branch; any leading shape, repeats sum
+    assert out.shape == (2, 3, 6)
+    torch.testing.assert_close(out, dense_value(coef, idx, B))
+    with pytest.raises(ValueError, match="same shape"):
+        sparse_value(coef, idx[..., :2], B)
+
+
+@pytest.mark.parametrize("delta", [None, 0.1])
+def test_fast_update_matches_moram_delta(delta):
+    """x -> h = x·Aᵀ -> compact routing (Triton) -> sparse value == functional.moram_delta,
+    values and gradients for x, the keys and the current block of values."""
+    torch.manual_seed(6)
+    d_in, d_out, frozen, current, k = 12, 9, 28, 4, 3
+    x = torch.randn(2, 5, d_in, requires_grad=True)
+    A = torch.randn(frozen + current, d_in, requires_grad=True)
+    _, current_B, bank = bank_with_current_block(d_out, frozen, current, torch.float32)
+    grad_out = torch.randn(2, 5, d_out)
+
+    def run(update):
+        out = update()
+        return (out.detach(), *torch.autograd.grad(out, (x, A, current_B), grad_out))
+
+    def fast():
+        coef, idx = fused_route_topk(x @ A.t(), k, 0.3, delta, backend="triton")
+        return sparse_value(coef, idx, bank(), min_atoms_per_k=0)
+
+    for a, b in zip(run(fast), run(lambda: MF.moram_delta(x, A, bank(), k, 0.3, delta))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
