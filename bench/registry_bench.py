@@ -20,7 +20,7 @@ import torch
 
 from moram import read_shard
 from moram_platform.registry import BaseModelRef, Registry
-from moram_platform.testing.seaweed import SeaweedServer
+from moram_platform.stack.seaweed import SeaweedServer
 from moram_platform.testing.shards import synthetic_shard
 
 BASE = BaseModelRef("llama-7b-like", revision="bench")

@@ -23,6 +23,20 @@ INFRA = PROJECT_ROOT / "infra" / "local"
 RAY = str(Path(sys.executable).parent / "ray")
 SECRET_FILES = {"stack.env", "credentials.json", "s3.json"}   # the only files that may hold the S3 keys
 SMOKE_CONFIG = "jobs/configs/trace/smollm2-135m_moram_cpu-smoke.yaml"
+RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
+# Where the driver and a Ray worker import the project's packages from, as one JSON line.
+IMPORT_PROBE = """
+import json, ray, moram, moram_platform
+
+@ray.remote(num_cpus=0.1)
+def worker_imports():
+    import moram, moram_platform
+    return {"moram": moram.__file__, "moram_platform": moram_platform.__file__}
+
+ray.init()
+driver = {"moram": moram.__file__, "moram_platform": moram_platform.__file__}
+print("import-paths:", json.dumps({"driver": driver, "worker": ray.get(worker_imports.remote())}))
+"""
 
 
 @pytest.fixture
@@ -60,9 +74,13 @@ def client_of(stack: LocalStack):
         yield
 
 
-def submit(stack: LocalStack, *entrypoint: str, timeout: float = 600) -> str:
-    job = subprocess.run([RAY, "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(PROJECT_ROOT),
-                          "--", *entrypoint], env=client_env(), capture_output=True, text=True, timeout=timeout)
+def submit(stack: LocalStack, *entrypoint: str, runtime_env: bool = False, timeout: float = 600) -> str:
+    """`ray job submit --working-dir .` from the repository root, with `--runtime-env
+    infra/runtime_env.yaml` (as on a cluster without the package) when ``runtime_env``."""
+    options = ["--runtime-env", str(RUNTIME_ENV.relative_to(PROJECT_ROOT))] if runtime_env else []
+    job = subprocess.run([RAY, "job", "submit", "--address", stack.dashboard_url, *options, "--working-dir", ".",
+                          "--", *entrypoint], env=client_env(), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=timeout)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     return job.stdout
 
@@ -133,6 +151,17 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
         assert Registry(stack.registry_uri).versions(run_name) == [1]
         client = MlflowClient(stack.mlflow_uri)
         assert client.get_run(result["mlflow_run_id"]).data.metrics == {"accuracy": 42.0}
+
+    # With infra/runtime_env.yaml, the packages come from what the job shipped: `moram` from the
+    # working dir, `moram_platform` as a py_module (on a cluster whose nodes lack the package;
+    # this venv has it installed in editable mode, which must lose to the shipped copies).
+    out = submit(stack, "python", "-c", IMPORT_PROBE, runtime_env=True)
+    paths = json.loads(next(line for line in out.splitlines() if line.startswith("import-paths:")).split(":", 1)[1])
+    shipped = (stack.ray_temp_dir / "session_latest").resolve() / "runtime_resources"
+    for where, modules in paths.items():
+        assert Path(modules["moram"]).resolve().is_relative_to(shipped / "working_dir_files"), (where, modules)
+        assert Path(modules["moram_platform"]).resolve().is_relative_to(shipped / "py_modules_files"), (where, modules)
+
     jobs = json.dumps(_get_json(f"{stack.dashboard_url}/api/jobs/"))
     assert keys["secret_key"] not in jobs and keys["access_key"] not in jobs     # not in any runtime env
 
@@ -198,14 +227,15 @@ def test_a_damaged_state_file_is_named(state_dir):
 @pytest.mark.timeout(1800)
 def test_trace_job_on_the_stack_then_after_a_restart(state_dir):
     """The real jobs/trace.py (SmolLM2-135M, TRACE-500, Ray Train + DeepSpeed) submitted to the
-    stack: its registry version lands in S3 and its runs in MLflow, and both survive a restart."""
+    stack with infra/runtime_env.yaml: its registry version lands in S3 and its runs in MLflow,
+    and both survive a restart."""
     stack = LocalStack(state_dir).up(num_cpus=2)
     run_name = f"trace-stack-{uuid.uuid4().hex[:6]}"
     out = submit(stack, "python", "jobs/trace.py", "--config", SMOKE_CONFIG, "--run-name", run_name, "--quiet",
                  "--set", "data.tasks=[C-STANCE]", "--set", "data.max_train_examples=4",
                  "--set", "data.max_eval_examples=2", "--set", "train.global_batch_size=4",
                  "--set", "scaling.num_workers=1", "--set", f"data.root={TRACE_500}",
-                 "--set", "eval.max_new_tokens=4", "--set", "eval.batch_size=2", timeout=1500)
+                 "--set", "eval.max_new_tokens=4", "--set", "eval.batch_size=2", runtime_env=True, timeout=1500)
     assert f"== {run_name} ==" in out and stack.registry_uri in out
 
     def check(stack: LocalStack) -> None:
@@ -220,6 +250,27 @@ def test_trace_job_on_the_stack_then_after_a_restart(state_dir):
     check(stack)
     stack.down()
     check(LocalStack(state_dir).up(num_cpus=2))
+
+
+def test_status_of_a_stopped_stack_names_each_service_and_its_url(state_dir):
+    """No server needed: every service reads its URL and its part of stack.env from the
+    recorded ports, and a recorded process that is gone reads as stopped."""
+    stack = LocalStack(state_dir)
+    state_dir.mkdir()
+    gone = vars(Process(pid=2 ** 22 + 1, start_time=1))          # above the kernel's largest pid
+    stack.state = {"ports": {service.name: service.fresh_ports() for service in stack.services},
+                   "processes": {name: gone for name in SERVICES}}
+    stack._write_state()
+    assert set(stack.public_env()) == {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
+                                       "MORAM_REGISTRY_URI", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                                       "AWS_EC2_METADATA_DISABLED"}
+    assert stack.public_env()["RAY_API_SERVER_ADDRESS"] == stack.dashboard_url
+    status = script("status.sh", state_dir, timeout=60)
+    assert status.returncode == 1, status.stdout + status.stderr
+    lines = status.stdout.splitlines()
+    for name, url in zip(SERVICES, (stack.s3_endpoint, stack.mlflow_uri, stack.dashboard_url)):
+        assert any(line.split()[:2] == [name, "stopped"] and line.endswith(url) for line in lines), status.stdout
+    assert LocalStack(state_dir).down() == []        # nothing recorded is alive: nothing to signal
 
 
 def _get_json(url: str):

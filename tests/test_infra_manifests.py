@@ -22,6 +22,7 @@ KUBERAY = INFRA / "kuberay"
 CLUSTER_CONFIG = INFRA / "aws" / "cluster.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DEPLOY_DOC = PROJECT_ROOT / "docs" / "deploy.md"
+RUNTIME_ENV = INFRA / "runtime_env.yaml"
 KUBERAY_SCHEMA = json.loads((PROJECT_ROOT / "tests" / "schemas" / "kuberay-ray.io-v1.schema.json").read_text())
 RAY_LAUNCHER_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 KUBERNETES_VERSION = "1.33.0"
@@ -196,6 +197,33 @@ def test_cluster_nodes_reach_s3_through_an_instance_profile_not_keys():
     assert "MORAM_REGISTRY_URI=s3://" in run_options and "MLFLOW_TRACKING_URI=" in run_options
     assert config["docker"]["image"] == documents("RayJob")[0]["spec"]["rayClusterSpec"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"]
+
+
+# -- runtime env for a cluster without the package ------------------------------------------
+def test_runtime_env_ships_the_platform_package_and_no_secrets():
+    """infra/runtime_env.yaml (used with `--working-dir .` from the repository root) is a runtime
+    env Ray accepts, ships moram_platform (moram comes with the working dir) and holds no secrets.
+    That the shipped copies are what jobs import: tests/test_infra_local.py."""
+    from ray.runtime_env import RuntimeEnv
+
+    config = yaml.safe_load(RUNTIME_ENV.read_text())
+    assert set(config) <= RuntimeEnv.known_fields and "working_dir" not in config   # --working-dir sets it
+    RuntimeEnv(**config)                                        # Ray's own validation of each field
+    shipped = {PROJECT_ROOT / path for path in config["py_modules"]}
+    assert shipped == {PROJECT_ROOT / "platform" / "moram_platform"}
+    assert all((path / "__init__.py").is_file() for path in shipped)
+    assert (PROJECT_ROOT / "moram" / "__init__.py").is_file()  # at the root: on the working dir's path
+    assert not re.search(r"AWS_|SECRET|ACCESS_KEY|TOKEN", json.dumps(config))
+
+
+def test_every_runtime_env_command_in_the_docs_names_this_file_from_the_root():
+    readme = PROJECT_ROOT / "README.md"
+    commands = [c for path in (DEPLOY_DOC, readme) for c in _commands(path) if "--runtime-env" in c]
+    assert commands, "docs/deploy.md and README.md show no `ray job submit --runtime-env` command"
+    for command in commands:
+        words = shlex.split(command)
+        assert words[words.index("--runtime-env") + 1] == "infra/runtime_env.yaml", command
+        assert words[words.index("--working-dir") + 1] == ".", command
 
 
 # -- container image -------------------------------------------------------------------------

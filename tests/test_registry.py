@@ -14,7 +14,7 @@ from moram_platform.registry import (SCHEMA_VERSION, BaseModelRef, CommitConflic
                                      InvalidNameError, ManifestError, Registry, ShardIntegrityError, StorageError,
                                      VersionNotFoundError, manifest_key, shard_key)
 from moram_platform.registry.storage import S3Storage
-from moram_platform.testing.seaweed import free_ports
+from moram_platform.stack.seaweed import free_ports
 from moram_platform.testing.shards import synthetic_shard
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ import pytest
 
 from moram_platform.registry import (InvalidNameError, InvalidURIError, LocalStorage, ObjectNotFoundError,
                                      S3Storage, StorageError, check_name, open_storage)
-from moram_platform.testing.seaweed import free_ports
+from moram_platform.stack.seaweed import free_ports
 
 pytestmark = pytest.mark.timeout(120)
 

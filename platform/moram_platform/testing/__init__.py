@@ -1,1 +1,2 @@
-"""Helpers for tests and benchmarks: a local S3-compatible server and synthetic shards."""
+"""Helpers for tests and benchmarks: synthetic shards. (The S3 and MLflow servers they start are the
+local stack's, in moram_platform.stack.)"""

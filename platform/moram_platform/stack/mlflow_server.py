@@ -1,4 +1,4 @@
-"""A throwaway MLflow tracking server on loopback: sqlite backend, artifacts wherever asked.
+"""An MLflow tracking server on loopback: sqlite backend, artifacts wherever asked.
 
     with MlflowServer(tmp_dir, artifacts="s3://bucket/mlflow") as server:
         os.environ["MLFLOW_TRACKING_URI"] = server.uri
@@ -7,8 +7,10 @@ Artifacts go through the server (``--artifacts-destination``, proxied): clients 
 storage credentials of their own. For S3 the server reads the standard AWS variables and
 MLFLOW_S3_ENDPOINT_URL from its environment.
 
-``port`` reuses a known port (the local stack keeps its URLs across restarts); ``base_env``
-replaces this process's environment as the one the server starts from.
+The local stack's MLflow service (moram_platform.stack); the pytest fixture
+(tests/fixtures/mlflow_server.py) starts a throwaway one. ``port`` reuses a known port (the
+local stack keeps its URLs across restarts); ``base_env`` replaces this process's environment
+as the one the server starts from.
 """
 from __future__ import annotations
 
