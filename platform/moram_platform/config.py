@@ -359,6 +359,7 @@ def reference() -> str:
     for name, info in top.items():
         if not _is_section(info.annotation):
             lines.append(_row(name, info))
+    lines += _moram_section()
     for name, info in top.items():
         if _is_section(info.annotation):
             lines += ["", f"## `{name}:`", "", info.description or "", "",
@@ -387,6 +388,25 @@ A third benchmark `foo` is one package, one table line, a job and its configs:
 5. Regenerate this file: `python -m moram_platform.config --print-reference > docs/config.md`."""
 
 
+def _moram_section() -> list[str]:
+    """moram.* are MoRAMConfig's fields; each benchmark may fill some in first."""
+    lines = ["", "## `moram:`", "",
+             "The method's knobs (`moram.MoRAMConfig`). A key left out takes the benchmark's default (its "
+             "`moram_defaults`, e.g. X-TAIL's CLIP projections), else MoRAMConfig's below; `moram.seed` defaults "
+             "to `run.seed`, so the run's seed also seeds each task's fresh atoms.",
+             "", "| key | type | default | description |", "|---|---|---|---|"]
+    return lines + [_row(f"moram.{key}", info) for key, info in _fields(MoRAMConfig).items()]
+
+
+def _yaml_inline(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+
+
 def _fields(model: type) -> dict[str, Any]:
     return getattr(model, "__pydantic_fields__", None) or model.model_fields
 
@@ -397,9 +417,10 @@ def _is_section(annotation: Any) -> bool:
 
 def _row(key: str, info: Any) -> str:
     default = info.default_factory() if info.default_factory is not None else info.default
-    shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True, width=10**6).strip()
-    shown = shown.removesuffix("\n...").removesuffix("...").strip()
-    return f"| `{key}` | {_type_name(info.annotation)} | `{shown}` | {info.description or ''} |"
+    shown = "null" if default is None else _yaml_inline(default)
+    if key == "moram.seed":
+        shown = "run.seed"
+    return f"| `{key}` | {_type_name(info.annotation)} | `{shown}` | {_cell(info.description or '')} |"
 
 
 def _type_name(annotation: Any) -> str:
@@ -410,6 +431,8 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(_type_name(arg) for arg in args)
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    if origin is typing.Literal:
+        return " \\| ".join(repr(arg) for arg in args)
     if annotation is type(None):
         return "null"
     if annotation is Any:
