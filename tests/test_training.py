@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from moram import read_shard
+from moram import MoRAMConfig, get_moram_model, read_shard
 from moram_platform.benchmark import get_benchmark
 from moram_platform.config import load_config
-from moram_platform.engine import lr_schedule
+from moram_platform.engine import build_engine, lr_schedule
 from moram_platform.training import World, shard_for_worker, train_task
+from fixtures.models import tiny_llama
 from fixtures.paths import PROJECT_ROOT, TRACE_500
 
 SMOKE = PROJECT_ROOT / "jobs" / "configs" / "trace" / "smollm2-135m_moram_cpu-smoke.yaml"
@@ -26,6 +27,30 @@ def test_cosine_schedule_with_warmup():
     assert seen[:3] == [0.5, 1.0, 1.0]
     assert seen[6] == pytest.approx(0.5)
     assert seen[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+@pytest.mark.parametrize("method", ["moram", "olora"])
+def test_the_engine_loss_adds_the_methods_extra_loss(method):
+    train = load_config(SMOKE, ["train.engine=torch"]).train
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, method=method, dropout=0.0))
+    model.begin_task("t0"), model.end_task()
+    model.begin_task("t1")
+    model.train()
+    batch = {"input_ids": torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+
+    def loss_fn(forward_model, batch):
+        return forward_model(**batch).loss
+
+    engine = build_engine(model, loss_fn, train, world_size=1, total_steps=1)
+    task_loss = loss_fn(model, batch)
+    if method == "moram":
+        assert torch.equal(engine.loss(batch), task_loss)   # no extra term: bit-identical
+    else:
+        # λ1 = 0.5 (default), λ2 = 0: 0.5 Σ_layers Σ|A_old A_newᵀ|, summed by hand here
+        by_hand = sum(0.5 * (l.frozen_A @ l.A.t()).abs().sum() for l in model.moram_layers.values())
+        assert by_hand > 0
+        torch.testing.assert_close(engine.loss(batch), task_loss + by_hand)
 
 
 def test_every_worker_gets_an_equal_disjoint_share():
