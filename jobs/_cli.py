@@ -38,8 +38,9 @@ def load(args) -> "JobConfig":  # noqa: F821
         overrides.append(f"run.name={args.run_name}")
     try:
         return load_config(args.config, overrides)
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    except ConfigError as error:  # bad input: exit 2 like every other refusal, no traceback
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(config, args) -> int:

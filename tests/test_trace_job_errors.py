@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from fixtures.paths import PROJECT_ROOT, TRACE_500
 
@@ -53,11 +54,34 @@ def test_missing_train_split_is_named(tmp_path):
     ("moram.tau=-1", "moram.tau: tau must be > 0"),
     ("moram.k=0", "moram.k: must be an integer >= 1"),
     ("train.lr=0", "train.lr: must be > 0"),
-    ("scaling.num_workers=many", "scaling.num_workers: expected int"),
+    ("scaling.num_workers=many", "scaling.num_workers: Input should be a valid integer"),
     ("train.optimizer=sgd", "train.optimizer: unknown key"),
 ])
 def test_invalid_hyperparameter_names_the_key(tmp_path, override, message):
     job = run_job(tmp_path, f"data.root={TRACE_500}", override)
     assert job.returncode != 0
     assert message in job.stderr
+    assert_nothing_written(tmp_path)
+
+
+# A bad config file stops the job before Ray starts: exit status 2, the key named, no traceback.
+BAD_CONFIG_FILES = [
+    ({"train": {"global_batch_size": 0}}, "train.global_batch_size: must be >= 1, got 0"),
+    ({"data": {"tasks": ["C-STANCE", "FOMC", "Py150"]}, "train": {"epochs": [1, 2]}},
+     "train.epochs: lists 2 values for the 3 tasks of data.tasks"),
+    ({"train": {"zero_stage": 3}}, "train.zero_stage: ZeRO-3 is not supported"),
+    ({"run": {"output_dir": "s3://bucket/runs"}}, "run.output_dir: must be a local folder"),
+    ({"data": {"max_eval_examples": 0}, "scaling": {"num_workers": 0}}, "data.max_eval_examples: must be >= 1"),
+    ({"xtail": {"shots": 0}}, "xtail: unknown key"),
+]
+
+
+@pytest.mark.parametrize("raw, message", BAD_CONFIG_FILES, ids=[m.split(":")[0] for _, m in BAD_CONFIG_FILES])
+def test_bad_config_file_exits_2_naming_the_key(tmp_path, raw, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    job = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "trace.py"), "--config", str(bad), "--quiet"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert job.returncode == 2, job.stderr[-2000:]
+    assert message in job.stderr and "Traceback" not in job.stderr
     assert_nothing_written(tmp_path)
