@@ -54,7 +54,7 @@ def test_missing_train_split_is_named(tmp_path):
     ("moram.tau=-1", "moram.tau: tau must be > 0"),
     ("moram.k=0", "moram.k: must be an integer >= 1"),
     ("train.lr=0", "train.lr: must be > 0"),
-    ("scaling.num_workers=many", "scaling.num_workers: Input should be a valid integer"),
+    ("scaling.num_workers=many", "scaling.num_workers: must be an integer"),
     ("train.optimizer=sgd", "train.optimizer: unknown key"),
 ])
 def test_invalid_hyperparameter_names_the_key(tmp_path, override, message):

@@ -24,11 +24,11 @@ import yaml
 from pydantic import Field
 
 from moram import MoRAMConfig, MoRAMConfigError
-from moram.validation import format_errors
+from moram.validation import error_lines
 
 from .benchmark import BENCHMARKS, benchmark_class, section_model
 from .sections import (AtLeastOne, AtLeastZero, Bool, Int, NonEmptyStr, OneOrNone, Real, Section, Str, absolute,
-                       one_of, rule)
+                       first_per_key, one_of, rule)
 
 
 class ConfigError(ValueError):
@@ -305,7 +305,7 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
     try:
         config = model.model_validate(raw)
     except pydantic.ValidationError as error:
-        raise ConfigError(format_errors(error)) from None
+        raise ConfigError("\n".join(first_per_key(error_lines(error)))) from None
     problems = _cross_key_problems(config) + benchmark_class(config.benchmark)().validate_config(config)
     try:
         config.moram_config

@@ -3,8 +3,9 @@ benchmark adds (e.g. ``moram_platform.xtail.config``): a strict base model and t
 
 YAML gives ints, floats, strings and booleans; a field takes exactly its own kind (``1`` is not
 ``true``, ``"3"`` is not ``3``), except that ints stand for floats and numeric strings such as
-YAML 1.1's ``1e-3`` (no dot) are read as floats. Rules raise ``ValueError("must be ...")``, which
-``moram.validation.format_errors`` reports as ``key.path: must be ..., got value``.
+YAML 1.1's ``1e-3`` (no dot) are read as floats. Type checks and rules raise
+``ValueError("must be ...")``, which ``moram.validation.error_lines`` reports as
+``key.path: must be ..., got value``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 SECTION_CONFIG = ConfigDict(extra="forbid", validate_default=False)
 
@@ -34,6 +35,18 @@ def rule(check: Callable[[Any], bool], message: str) -> AfterValidator:
     return AfterValidator(validate)
 
 
+def _kind(check: Callable[[Any], bool], message: str, convert: Callable[[Any], Any] = lambda v: v) -> BeforeValidator:
+    """The type check of a field, before pydantic's own: one message in the project's words."""
+
+    def validate(value: Any) -> Any:
+        value = convert(value)
+        if not check(value):
+            raise ValueError(message)
+        return value
+
+    return BeforeValidator(validate)
+
+
 def _yaml_number(value: Any) -> Any:
     if isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -43,14 +56,34 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-Int = StrictInt
-Bool = StrictBool
-Str = StrictStr
-Real = Annotated[StrictFloat, BeforeValidator(_yaml_number), rule(math.isfinite, "must be a finite number")]
-AtLeastOne = Annotated[StrictInt, rule(lambda v: v >= 1, "must be >= 1")]
-AtLeastZero = Annotated[StrictInt, rule(lambda v: v >= 0, "must be >= 0")]
-OneOrNone = Annotated[StrictInt, rule(lambda v: v >= 1, "must be >= 1 or null")]
-NonEmptyStr = Annotated[StrictStr, rule(bool, "must not be empty")]
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+Int = Annotated[int, _kind(_is_int, "must be an integer")]
+Bool = Annotated[bool, _kind(lambda v: isinstance(v, bool), "must be true or false")]
+Str = Annotated[str, _kind(lambda v: isinstance(v, str), "must be a string")]
+Real = Annotated[float, _kind(_is_real, "must be a number", _yaml_number), rule(math.isfinite, "must be a finite number")]
+AtLeastOne = Annotated[Int, rule(lambda v: v >= 1, "must be >= 1")]
+AtLeastZero = Annotated[Int, rule(lambda v: v >= 0, "must be >= 0")]
+OneOrNone = Annotated[Int, rule(lambda v: v >= 1, "must be >= 1 or null")]
+NonEmptyStr = Annotated[Str, rule(bool, "must not be empty")]
+
+
+def first_per_key(lines: list[str]) -> list[str]:
+    """One line per key: a value that fits no branch of ``X | None`` is reported once (X's)."""
+    seen: set[str] = set()
+    kept = []
+    for line in lines:
+        key = line.split(": ", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            kept.append(line)
+    return kept
 
 
 def one_of(*choices: Any) -> AfterValidator:
