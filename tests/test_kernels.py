@@ -172,41 +172,64 @@ def test_cpu_default_is_the_pytorch_reference():
 
 # -- the top-k-sparse value projection --------------------------------------------------------
 def bank_with_current_block(d_out, frozen, current, dtype):
-    """B as the layer builds it: the frozen columns, then the trainable block (scale baked in)."""
+    """The frozen value columns and the trainable block (scale 2 applied, as the layer bakes it)."""
     frozen_B = torch.randn(d_out, frozen).to(dtype)
     current_B = torch.randn(d_out, current).to(dtype).requires_grad_()
-    return frozen_B, current_B, lambda: torch.cat([frozen_B, current_B * 2.0], dim=1)
+    return frozen_B, current_B
+
+
+def value_by_layout(layout, frozen_B, current_B):
+    """Call sparse_value with the bank whole (torch.cat, as the layer does today) or in its two parts."""
+    if layout == "whole":
+        return lambda c, i, **kw: sparse_value(c, i, torch.cat([frozen_B, current_B * 2.0], dim=1), **kw)
+    return lambda c, i, **kw: sparse_value(c, i, frozen_B, current_B * 2.0, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["whole", "split"])
 @pytest.mark.parametrize("min_atoms_per_k", [0, float("inf")], ids=["sparse", "dense"])
-def test_sparse_value_matches_dense(min_atoms_per_k, dtype):
+def test_sparse_value_matches_dense(min_atoms_per_k, layout, dtype):
     torch.manual_seed(4)
     tokens, k, d_out = 13, 3, 10
-    _, current_B, bank = bank_with_current_block(d_out, frozen=20, current=4, dtype=dtype)
+    frozen_B, current_B = bank_with_current_block(d_out, frozen=20, current=4, dtype=dtype)
     idx = torch.stack([torch.randperm(24)[:k] for _ in range(tokens)]).sort(-1).values
     idx[0] = torch.tensor([20, 21, 23])  # a token routed only to the current block
+    idx[1] = torch.tensor([0, 5, 19])    # and one only to frozen atoms
     coef = torch.randn(tokens, k).to(dtype).requires_grad_()
     grad_out = torch.randn(tokens, d_out).to(dtype)
+    fast_value = value_by_layout(layout, frozen_B, current_B)
 
     def run(fn):
-        out = fn(coef, idx, bank())
+        out = fn(coef, idx)
         return (out.detach(), *torch.autograd.grad(out, (coef, current_B), grad_out))
 
-    fast = run(lambda c, i, B: sparse_value(c, i, B, min_atoms_per_k=min_atoms_per_k))
+    fast = run(lambda c, i: fast_value(c, i, min_atoms_per_k=min_atoms_per_k))
     # the dense reference, written out: mixed [tokens, R] with zeros outside the kept atoms
-    slow = run(lambda c, i, B: torch.zeros(tokens, 24, dtype=dtype).scatter(-1, i, c) @ B.t())
+    bank = torch.cat([frozen_B, current_B * 2.0], dim=1)
+    slow = run(lambda c, i: torch.zeros(tokens, 24, dtype=dtype).scatter(-1, i, c) @ bank.t())
     for a, b in zip(fast, slow):
         assert_close_in(dtype, a, b)
+
+
+def test_sparse_value_frozen_bank_gets_its_gradient_too():
+    torch.manual_seed(7)
+    frozen_B = torch.randn(5, 30, requires_grad=True)
+    coef, idx = torch.randn(4, 3), torch.stack([torch.randperm(30)[:3] for _ in range(4)])
+    grad_out = torch.randn(4, 5)
+    (fast,) = torch.autograd.grad(sparse_value(coef, idx, frozen_B, min_atoms_per_k=0), frozen_B, grad_out)
+    (slow,) = torch.autograd.grad(dense_value(coef, idx, frozen_B), frozen_B, grad_out)
+    torch.testing.assert_close(fast, slow)
 
 
 def test_sparse_value_threshold_and_shapes():
     torch.manual_seed(5)
     B = torch.randn(6, 40)
     coef, idx = torch.randn(2, 3, 4), torch.randint(0, 40, (2, 3, 4))
-    out = sparse_value(coef, idx, B)  # R = 40 >= 4 * 4: the sparse branch; any leading shape, repeats sum
+    out = sparse_value(coef, idx, B, min_atoms_per_k=8)  # 40 >= 8 * 4: sparse; any leading shape, repeats sum
     assert out.shape == (2, 3, 6)
     torch.testing.assert_close(out, dense_value(coef, idx, B))
+    only_current = sparse_value(coef, idx, B[:, :0], B, min_atoms_per_k=0)  # no frozen atoms yet
+    torch.testing.assert_close(only_current, out)
     with pytest.raises(ValueError, match="same shape"):
         sparse_value(coef, idx[..., :2], B)
 
@@ -219,7 +242,7 @@ def test_fast_update_matches_moram_delta(delta):
     d_in, d_out, frozen, current, k = 12, 9, 28, 4, 3
     x = torch.randn(2, 5, d_in, requires_grad=True)
     A = torch.randn(frozen + current, d_in, requires_grad=True)
-    _, current_B, bank = bank_with_current_block(d_out, frozen, current, torch.float32)
+    frozen_B, current_B = bank_with_current_block(d_out, frozen, current, torch.float32)
     grad_out = torch.randn(2, 5, d_out)
 
     def run(update):
@@ -228,7 +251,10 @@ def test_fast_update_matches_moram_delta(delta):
 
     def fast():
         coef, idx = fused_route_topk(x @ A.t(), k, 0.3, delta, backend="triton")
-        return sparse_value(coef, idx, bank(), min_atoms_per_k=0)
+        return sparse_value(coef, idx, frozen_B, current_B * 2.0, min_atoms_per_k=0)
+
+    def bank():
+        return torch.cat([frozen_B, current_B * 2.0], dim=1)
 
     for a, b in zip(run(fast), run(lambda: MF.moram_delta(x, A, bank(), k, 0.3, delta))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
