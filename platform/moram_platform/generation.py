@@ -76,10 +76,10 @@ class RegistrySpec:
                                 where=f"run {self.run} version {version.version}")
 
 
-def memory_source(source: RegistrySpec | str | os.PathLike) -> RegistrySpec | Path:
+def memory_source(source: RegistrySpec | PretrainedMemory | str | os.PathLike):
     """A folder stays a folder; ``uri#run[@version]`` text becomes a RegistrySpec."""
-    if isinstance(source, RegistrySpec):
-        return source
+    if not isinstance(source, (str, os.PathLike)):
+        return source   # a RegistrySpec, a PretrainedMemory or another memory source
     if Path(source).expanduser().is_dir() or "#" not in str(source):
         return Path(source).expanduser()
     return RegistrySpec.parse(str(source))
@@ -96,11 +96,14 @@ def base_model_path(memory: PretrainedMemory, override: str | os.PathLike | None
         path = smollm2_path()
     else:
         path = Path(source or "").expanduser()
+        hint = "" if override is not None else " (pass the model with --base-model)"
         try:
-            resolve_model_source(path)
+            folder, gguf = resolve_model_source(path)
         except (FileNotFoundError, ValueError) as error:
-            hint = "" if override is not None else " (pass the model with --base-model)"
             raise GenerationError(f"{memory.where}: base model {source!r} is not a local model{hint}: {error}") from None
+        if gguf is None and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise GenerationError(f"{memory.where}: base model folder {folder} has no weights "
+                                  f"(*.safetensors or *.bin){hint}")
     try:
         check_base_model(memory, model_fingerprint(path))
     except ValueError as error:
@@ -108,8 +111,8 @@ def base_model_path(memory: PretrainedMemory, override: str | os.PathLike | None
     return path
 
 
-def load_memory_model(source: RegistrySpec | str | os.PathLike, *, base_model: str | os.PathLike | None = None,
-                      delta: float | None = None, prune_mass: float | None = None, dtype: str = "float32",
+def load_memory_model(source: RegistrySpec | PretrainedMemory | str | os.PathLike, *,
+                      base_model: str | os.PathLike | None = None, delta: float | None = None, prune_mass: float | None = None, dtype: str = "float32",
                       device: str | torch.device = "cpu"):
     """(model, tokenizer, memory): the base model with the memory's atoms, in eval mode.
     ``source``: a RegistrySpec or its ``uri#run@version`` text, or a saved/exported folder."""
