@@ -168,7 +168,8 @@ def test_objective_scores_are_the_metrics_of_the_trained_square():
 
 
 def test_objective_from_last_row_and_diagonal_equals_the_full_matrix():
-    for objective in (Objective(), Objective("forgetting_magnitude", "min"), Objective("bwt", "max", 1.0)):
+    for objective in (Objective(), Objective(metric="forgetting_magnitude", mode="min"),
+                      Objective(metric="bwt", mode="max", forgetting_weight=1.0)):
         diagonal = [MATRIX[i][i] for i in range(3)]
         assert objective.scores_from(MATRIX[-1], diagonal) == pytest.approx(objective.scores(MATRIX))
     assert not Objective().needs_diagonal and Objective(forgetting_weight=0.1).needs_diagonal
@@ -223,3 +224,30 @@ def test_best_config_is_the_full_base_config_with_the_best_values(tmp_path):
     assert config.run.name is None                                        # a new run gets its own id
     assert config.data.tasks == load_config(TRACE_BASE).data.tasks        # not the trials' shortened order
     assert config.data.max_train_examples is None
+
+
+# Every key of a space file at its boundaries: the first line of the error names it.
+BAD_SPACE_VALUES = [
+    ("search.seed", -1), ("search.num_samples", -1), ("search.max_concurrent", 0), ("search.algorithm", 3),
+    ("scheduler.grace_period", 0), ("scheduler.reduction_factor", "x"), ("scheduler.reduction_factor", 0.5),
+    ("delta_stage.num_samples", 0), ("delta_stage.top_trials", -1), ("resources.trial_cpu", -1),
+    ("objective.forgetting_weight", -1), ("objective.metric", ""), ("params.tau.low", True),
+    ("params.tau.high", ".inf"), ("params.tau.high", 0.005), ("params.k.key", ""), ("params.k.values", "4, 8"),
+    ("search", "x"), ("params.tau", 5), ("base_config", ""), ("trial_overrides", [1]), ("resources.gpus", 1),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_SPACE_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_SPACE_VALUES])
+def test_bad_space_values_name_their_key(key, value):
+    with pytest.raises(SpaceError) as error:
+        space_from_dict(edited((key, value)))
+    assert str(error.value).splitlines()[0].startswith(f"{key}:"), str(error.value)
+
+
+def test_randint_bounds_must_be_integers_and_space_errors_come_all_at_once():
+    with pytest.raises(SpaceError, match=r"^params\.r\.low: must be an integer, got 2\.5"):
+        space_from_dict(edited(("params.r", {"space": "randint", "low": 2.5, "high": 4})))
+    with pytest.raises(SpaceError) as error:
+        space_from_dict(edited(("search.num_samples", 0), ("resources.trial_cpu", 0)))
+    assert [line.split(":")[0] for line in str(error.value).splitlines()] == ["search.num_samples",
+                                                                               "resources.trial_cpu"]

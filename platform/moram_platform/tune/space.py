@@ -24,13 +24,17 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr
+
+from moram.validation import error_lines
 
 from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
+from ..sections import AtLeastOne, AtLeastZero, Int, NonEmptyStr, Real, Section, Str, first_per_key, one_of, rule
 
 SPACES = ("loguniform", "uniform", "choice", "randint", "grid")
 ALGORITHMS = ("optuna", "random")
@@ -45,22 +49,51 @@ INFERENCE_KEYS = frozenset({"moram.delta"})
 
 
 class SpaceError(ValueError):
-    """A sweep space file is invalid; the message starts with the key at fault."""
+    """A sweep space file is invalid; each line of the message starts with the key at fault."""
+
+
+class _Frozen(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _bound(value: Any) -> Any:
+    """A bound as written (an int stays an int: randint needs one); numeric strings are numbers."""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        raise ValueError("must be a number")
+    return value
+
+
+def _choices(names: tuple[str, ...]):
+    return rule(lambda v: v in names, f"must be one of {list(names)}")
+
+
+Bound = Annotated[Any, BeforeValidator(_bound)]
 
 
 # -- the parts of a space ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Param:
-    """One hyperparameter: the job-config key it sets and the space its values come from.
+class Param(_Frozen):
+    """One hyperparameter: the job-config key it sets and the space its values come from; its
+    name is its key under ``params:``.
 
     ``randint`` includes both ends (``low: 2, high: 16`` can give 16)."""
 
-    name: str
-    key: str
-    space: str
-    low: float | int | None = None
-    high: float | int | None = None
-    values: tuple = ()
+    space: Annotated[Str, _choices(SPACES)] = Field(description="loguniform | uniform | choice | randint | grid")
+    key: NonEmptyStr | None = Field(None, description="the job-config key it sets (default for tau, k, delta, lr, "
+                                                      "r: their moram.* / train.* key)")
+    low: Bound = Field(None, description="lower bound (loguniform, uniform, randint)")
+    high: Bound = Field(None, description="upper bound, included for randint")
+    values: list[Any] | None = Field(None, description="the values (choice, grid)")
+    _name: str = PrivateAttr("")
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def inference_only(self) -> bool:
@@ -88,31 +121,33 @@ class Param:
         return tune.grid_search(list(self.values))
 
 
-@dataclass(frozen=True)
-class Search:
-    algorithm: str = "optuna"
-    num_samples: int = 8        # training trials (a grid is repeated num_samples times)
-    max_concurrent: int = 2     # upper bound; the cluster's resources may allow fewer
-    seed: int = 0
+class Search(_Frozen):
+    algorithm: Annotated[Str, _choices(ALGORITHMS)] = Field("optuna", description="optuna | random")
+    num_samples: AtLeastOne = Field(8, description="training trials (a grid is repeated num_samples times)")
+    max_concurrent: AtLeastOne = Field(2, description="upper bound on concurrent trials; the cluster's resources "
+                                                      "may allow fewer")
+    seed: AtLeastZero = Field(0, description="seed of the search algorithm")
 
 
-@dataclass(frozen=True)
-class Scheduler:
-    name: str = "asha"
-    grace_period: int = 1       # tasks every trial trains before it may be stopped
-    reduction_factor: float = 2.0
+class Scheduler(_Frozen):
+    name: Annotated[Str, _choices(SCHEDULERS)] = Field("asha", description="asha | fifo")
+    grace_period: Annotated[Int, rule(lambda v: v >= 1, "must be >= 1 (tasks)")] = Field(
+        1, description="tasks every trial trains before it may be stopped")
+    reduction_factor: Annotated[Real, rule(lambda v: v > 1, "must be > 1")] = Field(2.0, description="ASHA's "
+                                                                                                   "reduction factor")
 
 
-@dataclass(frozen=True)
-class Objective:
+class Objective(_Frozen):
     """What a sweep maximises (or minimises): ``metric - forgetting_weight * forgetting``.
 
     Metrics are over the tasks trained so far: ``op`` (mean final-row score), ``bwt`` (signed,
     standard), ``forgetting`` (= -BWT) and ``forgetting_magnitude`` (the reference repo's)."""
 
-    metric: str = "op"
-    mode: str = "max"
-    forgetting_weight: float = 0.0
+    metric: Annotated[Str, _choices(METRICS)] = Field("op", description="op | bwt | forgetting | "
+                                                                        "forgetting_magnitude")
+    mode: Annotated[Str, one_of(*MODES)] = Field("max", description="max | min")
+    forgetting_weight: Annotated[Real, rule(lambda v: v >= 0, "must be >= 0")] = Field(
+        0.0, description="weight of the forgetting penalty (needs mode: max)")
 
     @property
     def needs_diagonal(self) -> bool:
@@ -141,29 +176,57 @@ class Objective:
         return self.scores(matrix)
 
 
-@dataclass(frozen=True)
-class DeltaStage:
-    top_trials: int = 1         # best finished training trials whose final versions get the δ sweep
-    num_samples: int = 4        # δ values per trial when δ's space is not a grid
+class DeltaStage(_Frozen):
+    top_trials: AtLeastOne = Field(1, description="best finished training trials whose final versions get the "
+                                                  "δ sweep")
+    num_samples: AtLeastOne = Field(4, description="δ values per trial when δ's space is not a grid")
 
 
-@dataclass(frozen=True)
-class Resources:
-    trial_cpu: float = 0.1      # a training trial's own share (its Ray Train workers come on top)
+class Resources(_Frozen):
+    trial_cpu: Annotated[Real, rule(lambda v: v > 0, "must be > 0")] = Field(
+        0.1, description="a training trial's own CPU share (its Ray Train workers come on top)")
+
+
+def _base_config(value: Any) -> Any:
+    if not (isinstance(value, str) and value.strip()):
+        raise ValueError("must name a job config file")
+    return value
+
+
+def _dotted_keys(overrides: dict[str, Any]) -> dict[str, Any]:
+    for key in overrides:
+        if not all(key.split(".")):
+            raise ValueError(f"{key!r} is not a dotted job-config key")
+    return overrides
 
 
 # -- the space ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SweepSpace:
-    base_config: str
-    params: tuple[Param, ...]
-    trial_overrides: dict[str, Any] = field(default_factory=dict)
-    search: Search = field(default_factory=Search)
-    scheduler: Scheduler = field(default_factory=Scheduler)
-    objective: Objective = field(default_factory=Objective)
-    delta_stage: DeltaStage = field(default_factory=DeltaStage)
-    resources: Resources = field(default_factory=Resources)
-    source: str | None = None   # the file it was read from
+class SweepSpace(_Frozen):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    base_config: Annotated[Any, BeforeValidator(_base_config)] = Field(
+        None, validate_default=True, description="the job config the sweep tunes (a path from the working "
+                                                 "directory)")
+    trial_overrides: Annotated[dict[Str, Any], pydantic.AfterValidator(_dotted_keys)] = Field(
+        default_factory=dict, description="job-config key -> value for training trials only (shorter trials); "
+                                          "not in the best config")
+    param_specs: Annotated[dict[Str, Param], rule(bool, "must map at least one hyperparameter to its space")] = Field(
+        alias="params", description="name -> its space")
+    search: Search = Field(default_factory=Search, description="the search algorithm")
+    scheduler: Scheduler = Field(default_factory=Scheduler, description="early stopping of weak trials")
+    objective: Objective = Field(default_factory=Objective, description="what the sweep optimises")
+    delta_stage: DeltaStage = Field(default_factory=DeltaStage, description="δ swept by evaluation only")
+    resources: Resources = Field(default_factory=Resources, description="a trial's own resources")
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str | None:
+        """The file it was read from."""
+        return self._source
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return tuple(self.param_specs.values())
 
     @property
     def training_params(self) -> tuple[Param, ...]:
@@ -180,7 +243,7 @@ class SweepSpace:
             bounds = {"values": list(p.values)} if p.space in ("choice", "grid") else {"low": p.low, "high": p.high}
             entry.update(bounds)
             params[p.name] = entry
-        sections = {name: _section_dict(getattr(self, name))
+        sections = {name: getattr(self, name).model_dump()
                     for name in ("search", "scheduler", "objective", "delta_stage", "resources")}
         return {"base_config": self.base_config, "trial_overrides": dict(self.trial_overrides),
                 "params": params, **sections}
@@ -260,15 +323,7 @@ def _validated(raw: dict[str, Any], where: str) -> JobConfig:
         raise SpaceError(f"{where}: {error}") from None
 
 
-def _section_dict(section) -> dict[str, Any]:
-    return {f.name: getattr(section, f.name) for f in fields(section)}
-
-
 # -- reading -------------------------------------------------------------------------------------
-TOP_LEVEL = ("base_config", "trial_overrides", "params", "search", "scheduler", "objective", "delta_stage",
-             "resources")
-
-
 def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSpace:
     """Read and check a space file; ``overrides`` are ``key.path=value`` edits (``search.num_samples=4``)."""
     raw = read_yaml_mapping(path, "space file", SpaceError)
@@ -281,140 +336,87 @@ def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> S
 
 
 def space_from_dict(raw: dict[str, Any], source: str | None = None) -> SweepSpace:
-    _no_unknown(raw, TOP_LEVEL, "")
-    base_config = raw.get("base_config")
-    _require("base_config", isinstance(base_config, str) and base_config.strip(), "must name a job config file",
-             base_config)
-    space = SweepSpace(
-        base_config=base_config,
-        params=_params(raw.get("params")),
-        trial_overrides=_overrides(raw.get("trial_overrides")),
-        search=_section(Search, raw.get("search"), "search"),
-        scheduler=_section(Scheduler, raw.get("scheduler"), "scheduler"),
-        objective=_section(Objective, raw.get("objective"), "objective"),
-        delta_stage=_section(DeltaStage, raw.get("delta_stage"), "delta_stage"),
-        resources=_section(Resources, raw.get("resources"), "resources"),
-        source=source,
-    )
-    _check(space)
+    """Check a space: every key's type and range (all reported at once), then the rules between
+    keys; a hyperparameter's name, default key and bounds are filled in."""
+    try:
+        space = SweepSpace.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise SpaceError("\n".join(first_per_key(error_lines(error)))) from None
+    for name, param in space.param_specs.items():
+        _name(param, name)
+    problems = [line for name, param in space.param_specs.items() for line in _param_problems(name, param)]
+    problems += _space_problems(space) if not problems else []
+    if problems:
+        raise SpaceError("\n".join(problems))
+    for param in space.params:
+        _normalise(param)
+    space._source = source
     return space
 
 
-def _params(raw: Any) -> tuple[Param, ...]:
-    _require("params", isinstance(raw, dict) and raw, "must map at least one hyperparameter to its space", raw)
-    return tuple(_param(name, spec) for name, spec in raw.items())
+# A Param is frozen once handed out; these fill in what only the space knows, before that.
+def _name(param: Param, name: str) -> None:
+    """The name (its key under params:) and the default job-config key of a known name."""
+    param._name = name
+    if param.key is None and name in KNOWN_KEYS:
+        object.__setattr__(param, "key", KNOWN_KEYS[name])
+    object.__setattr__(param, "values", tuple(param.values) if param.values is not None else ())
 
 
-def _param(name: str, spec: Any) -> Param:
-    where = f"params.{name}"
-    _require(where, isinstance(spec, dict), "must be a mapping with 'space' and its bounds or values", spec)
-    _no_unknown(spec, ("space", "low", "high", "values", "key"), f"{where}.")
-    key = spec.get("key", KNOWN_KEYS.get(name))
-    _require(f"{where}.key", isinstance(key, str) and key,
-             f"must name the job-config key it sets (known names: {sorted(KNOWN_KEYS)})", key)
-    space = spec.get("space")
-    _require(f"{where}.space", space in SPACES, f"must be one of {list(SPACES)}", space)
-    if space in ("choice", "grid"):
-        values = spec.get("values")
-        _require(f"{where}.values", isinstance(values, list) and values, "must be a non-empty list", values)
-        _require(f"{where}.values", len({json.dumps(v, sort_keys=True) for v in values}) == len(values),
-                 "lists a value twice", values)
+def _normalise(param: Param) -> None:
+    """Float bounds for the continuous spaces (randint keeps its ints)."""
+    if param.space in ("loguniform", "uniform"):
         for bound in ("low", "high"):
-            _require(f"{where}.{bound}", bound not in spec, f"does not apply to a {space} space (it takes values)",
-                     spec.get(bound))
-        return Param(name, key, space, values=tuple(values))
-    _require(f"{where}.values", "values" not in spec, f"does not apply to a {space} space (it takes low and high)",
-             spec.get("values"))
-    low, high = (_number(f"{where}.{bound}", spec.get(bound), integer=space == "randint") for bound in ("low", "high"))
-    if space == "loguniform":
-        _require(f"{where}.low", low > 0, "must be > 0", spec["low"])
-    _require(f"{where}.high", high > low if space != "randint" else high >= low,
-             f"must be {'>' if space != 'randint' else '>='} low ({spec['low']})", spec["high"])
-    return Param(name, key, space, low=low, high=high)
+            if isinstance(getattr(param, bound), int):
+                object.__setattr__(param, bound, float(getattr(param, bound)))
 
 
-def _number(key: str, value: Any, integer: bool) -> float | int:
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if integer:
-        _require(key, isinstance(value, int) and not isinstance(value, bool), "must be an integer", value)
-        return value
-    _require(key, isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-             "must be a number", value)
-    return float(value)
+def _param_problems(name: str, param: Param) -> list[str]:
+    where, space = f"params.{name}", param.space
+    rules = [(f"{where}.key", param.key is not None,
+              f"must name the job-config key it sets (known names: {sorted(KNOWN_KEYS)})", param.key)]
+    if space in ("choice", "grid"):
+        rules += [(f"{where}.values", bool(param.values), "must be a non-empty list", list(param.values)),
+                  (f"{where}.values", len({json.dumps(v, sort_keys=True) for v in param.values}) == len(param.values),
+                   "lists a value twice", list(param.values))]
+        rules += [(f"{where}.{bound}", getattr(param, bound) is None,
+                   f"does not apply to a {space} space (it takes values)", getattr(param, bound))
+                  for bound in ("low", "high")]
+    else:
+        low, high = param.low, param.high
+        rules += [(f"{where}.values", not param.values, f"does not apply to a {space} space (it takes low and high)",
+                   list(param.values))]
+        rules += [(f"{where}.{bound}", value is not None, "must be a number", value)
+                  for bound, value in (("low", low), ("high", high))]
+        if space == "randint":
+            rules += [(f"{where}.{bound}", value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                       "must be an integer", value) for bound, value in (("low", low), ("high", high))]
+        numbers = low is not None and high is not None
+        if space == "loguniform":
+            rules.append((f"{where}.low", low is None or low > 0, "must be > 0", low))
+        rules.append((f"{where}.high", not numbers or (high > low if space != "randint" else high >= low),
+                      f"must be {'>' if space != 'randint' else '>='} low ({low})", high))
+    return _broken(rules)
 
 
-def _overrides(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    _require("trial_overrides", isinstance(raw, dict), "must map job-config keys (data.max_train_examples) to values",
-             raw)
-    for key in raw:
-        _require(f"trial_overrides.{key}", isinstance(key, str) and all(key.split(".")),
-                 "must be a dotted job-config key", key)
-    return dict(raw)
-
-
-def _section(cls, raw: Any, where: str):
-    if raw is None:
-        return cls()
-    _require(where, isinstance(raw, dict), "must be a mapping", raw)
-    known = {f.name: f for f in fields(cls)}
-    _no_unknown(raw, tuple(known), f"{where}.")
-    values = {}
-    for name, value in raw.items():
-        default = getattr(cls(), name)
-        if isinstance(default, float):
-            value = _number(f"{where}.{name}", value, integer=False)
-        elif isinstance(default, int):
-            value = _number(f"{where}.{name}", value, integer=True)
-        else:
-            _require(f"{where}.{name}", isinstance(value, str), "must be a string", value)
-        values[name] = value
-    return cls(**values)
-
-
-def _check(space: SweepSpace) -> None:
-    search, scheduler, objective = space.search, space.scheduler, space.objective
-    rules = [
-        ("search.algorithm", search.algorithm in ALGORITHMS, f"must be one of {list(ALGORITHMS)}", search.algorithm),
-        ("search.num_samples", search.num_samples >= 1, "must be >= 1", search.num_samples),
-        ("search.max_concurrent", search.max_concurrent >= 1, "must be >= 1", search.max_concurrent),
-        ("search.seed", search.seed >= 0, "must be >= 0", search.seed),
-        ("scheduler.name", scheduler.name in SCHEDULERS, f"must be one of {list(SCHEDULERS)}", scheduler.name),
-        ("scheduler.grace_period", scheduler.grace_period >= 1, "must be >= 1 (tasks)", scheduler.grace_period),
-        ("scheduler.reduction_factor", scheduler.reduction_factor > 1, "must be > 1", scheduler.reduction_factor),
-        ("objective.metric", objective.metric in METRICS, f"must be one of {list(METRICS)}", objective.metric),
-        ("objective.mode", objective.mode in MODES, "must be 'max' or 'min'", objective.mode),
-        ("objective.forgetting_weight", objective.forgetting_weight >= 0, "must be >= 0", objective.forgetting_weight),
-        ("objective.forgetting_weight", objective.forgetting_weight == 0 or objective.mode == "max",
-         "penalises forgetting, so it needs mode: max", objective.forgetting_weight),
-        ("delta_stage.top_trials", space.delta_stage.top_trials >= 1, "must be >= 1", space.delta_stage.top_trials),
-        ("delta_stage.num_samples", space.delta_stage.num_samples >= 1, "must be >= 1", space.delta_stage.num_samples),
-        ("resources.trial_cpu", space.resources.trial_cpu > 0, "must be > 0", space.resources.trial_cpu),
-    ]
-    for key, ok, rule, value in rules:
-        _require(key, ok, rule, value)
+def _space_problems(space: SweepSpace) -> list[str]:
+    search, objective = space.search, space.objective
+    rules = [("objective.forgetting_weight", objective.forgetting_weight == 0 or objective.mode == "max",
+              "penalises forgetting, so it needs mode: max", objective.forgetting_weight)]
     keys = [p.key for p in space.params]
     for param in space.params:
-        _require(f"params.{param.name}.key", keys.count(param.key) == 1, "is set by two hyperparameters", param.key)
-        _require(f"params.{param.name}.space", not (param.space == "grid" and search.algorithm == "optuna"
-                                                    and not param.inference_only),
-                 "grid needs search.algorithm: random (Optuna samples a space, it does not enumerate one); "
-                 "use choice", param.space)
-        _require(f"trial_overrides.{param.key}", param.key not in space.trial_overrides,
-                 f"is swept by params.{param.name}; it cannot also be fixed", space.trial_overrides.get(param.key))
+        rules += [
+            (f"params.{param.name}.key", keys.count(param.key) == 1, "is set by two hyperparameters", param.key),
+            (f"params.{param.name}.space", not (param.space == "grid" and search.algorithm == "optuna"
+                                                and not param.inference_only),
+             "grid needs search.algorithm: random (Optuna samples a space, it does not enumerate one); use choice",
+             param.space),
+            (f"trial_overrides.{param.key}", param.key not in space.trial_overrides,
+             f"is swept by params.{param.name}; it cannot also be fixed", space.trial_overrides.get(param.key)),
+        ]
+    return _broken(rules)
 
 
-def _no_unknown(raw: dict, known: tuple[str, ...], prefix: str) -> None:
-    unknown = sorted(set(raw) - set(known), key=str)
-    if unknown:
-        raise SpaceError(f"{prefix}{unknown[0]}: unknown key; known keys here: {sorted(known)}")
-
-
-def _require(key: str, ok: Any, rule: str, value: Any) -> None:
-    if not ok:
-        raise SpaceError(f"{key}: {rule}, got {value!r}")
+def _broken(rules: list[tuple[str, Any, str, Any]]) -> list[str]:
+    """``key: rule, got value`` for each rule that does not hold; one line per key."""
+    return first_per_key([f"{key}: {rule_text}, got {value!r}" for key, ok, rule_text, value in rules if not ok])
