@@ -11,8 +11,11 @@ forward+backward time of every MoRAM path as ratios to the base linear and to Lo
     layer   moram.MoRAMLayer as it is (torch.cat of the bank, functional.route, dense value)
     ref     the equations: h = x·Aᵀ, w = functional.route(h), Δy = (w ⊙ h)·Bᵀ
     fused   Δy = fused_route_mix(h)·Bᵀ (the Triton kernel on CUDA; on CPU it is `ref`: skipped)
-    sparse  coef, idx = fused_route_topk(h); Δy = sparse_value(coef, idx, B) (dense below the
-            default threshold SPARSE_MIN_ATOMS_PER_K · k)
+    sparse  coef, idx = fused_route_topk(h); Δy = sparse_value(coef, idx, frozen B, current B):
+            the frozen values stored as rows, the trainable block apart, no cat of B (dense below
+            the default threshold SPARSE_MIN_ATOMS_PER_K · k)
+    split   sparse, and the keys apart as well: h = [x·A_frozenᵀ, x·A_currentᵀ], so the backward
+            builds no gradient for the frozen keys (what the layer integration can reach)
 
 Section "value": Δy from the kept coefficients alone, dense (scatter + GEMM) against sparse
 (embedding_bag), for a finer sweep of R: where sparse starts to win is the default threshold.
@@ -62,8 +65,11 @@ class MoRAMPath(nn.Module):
         self.B = nn.Parameter(torch.randn(base.out_features, TRAINABLE, **kw) * 0.02)
 
     def forward(self, x):
-        h = x @ torch.cat([self.frozen_A, self.A]).t()                      # Eq. 3
-        if self.path == "sparse":  # the frozen bank and the trainable block apart: no cat of B
+        if self.path == "split":  # keys apart too: no gradient product for the frozen keys
+            h = torch.cat([x @ self.frozen_A.t(), x @ self.A.t()], dim=-1)
+        else:
+            h = x @ torch.cat([self.frozen_A, self.A]).t()                  # Eq. 3
+        if self.path in ("sparse", "split"):  # the frozen bank and the trainable block apart: no cat of B
             delta = sparse_value(*fused_route_topk(h, K, TAU), self.frozen_rows.t(), self.B * 2.0)
             return self.base(x) + delta
         B = torch.cat([self.frozen_rows.t(), self.B * 2.0], dim=1)
@@ -129,7 +135,7 @@ def layer_section(device, dtype, tokens, repeats, dims, banks):
           f"threads={torch.get_num_threads()} (ratios; lower is better)")
     print(f"{'d':>5} {'R':>4} {'path':>6} | {'fwd/base':>9} {'fwd/LoRA16':>10} | {'f+b/base':>9} {'f+b/LoRA16':>10} | "
           f"{'fwd ms':>7} {'f+b ms':>7}")
-    paths = ["layer", "ref", "sparse"] + (["fused"] if device.type == "cuda" else [])
+    paths = ["layer", "ref", "sparse", "split"] + (["fused"] if device.type == "cuda" else [])
     for d in dims:
         torch.manual_seed(0)
         base = nn.Linear(d, d).to(device=device, dtype=dtype).requires_grad_(False)

@@ -86,18 +86,19 @@ def test_triton_mix_matches_route(name, R, k, delta, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R, k", [(19, 4), (3, 16), (7, 1)], ids=["k<R", "R<k", "k=1"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compact_matches_route(backend, dtype):
+def test_compact_matches_route(backend, R, k, dtype):
     torch.manual_seed(1)
-    k, R = 4, 19
     h = torch.randn(11, R).to(dtype)
     coef, idx = fused_route_topk(h, k, 0.2, 0.1, backend=backend)
-    assert coef.shape == idx.shape == (11, 4) and idx.dtype == torch.int64
+    k_eff = MF.effective_k(k, R)
+    assert coef.shape == idx.shape == (11, k_eff) and idx.dtype == torch.int64
     assert (idx.diff(dim=-1) > 0).all()  # ascending atom indices
     dense = torch.zeros_like(h).scatter(-1, idx, coef)
     assert_close_in(dtype, dense, reference_mix(h, k, 0.2, 0.1))
 
-    grad_out = torch.randn(11, k).to(dtype)
+    grad_out = torch.randn(11, k_eff).to(dtype)
     _, grad = values_and_grad(lambda h: fused_route_topk(h, k, 0.2, backend=backend)[0], h, grad_out)
     # the same gradient as the dense mix with the incoming gradient placed on the kept atoms
     _, ref_grad = values_and_grad(lambda h: reference_mix(h, k, 0.2), h,

@@ -59,16 +59,21 @@ def fused_route_mix(
 def route_topk_reference(
     h: torch.Tensor, k: int, tau: float, delta: float | None = None, eps: float = MF.DEFAULT_EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. 5-8 in compact form, in PyTorch: softmax over the k_eff kept scores equals route()'s
-    softmax over the -inf-masked vector. Indices ascending, as the kernel writes them."""
+    """Eqs. 5-8 in compact form, in PyTorch. The softmax over the k_eff kept scores equals
+    route()'s softmax over the -inf-masked vector, and s = h / max(||h||, eps) scales a row by
+    one positive number, so the top-k of h is the top-k of s: only the kept scores are divided.
+    Indices ascending, as the kernel writes them."""
     k_eff = MF.effective_k(k, h.shape[-1])
-    s = MF.normalized_scores(h, eps)
-    kept = s.topk(k_eff, dim=-1).indices.sort(dim=-1).values
-    s_kept = s.gather(-1, kept)
-    w = torch.softmax(s_kept / tau, dim=-1)
+    wide = h.to(torch.promote_types(h.dtype, torch.float32))
+    denom = wide.norm(dim=-1, keepdim=True).clamp_min(eps)             # Eq. 5, for the kept only
+    _, kept = h.topk(k_eff, dim=-1, sorted=False)                       # Eq. 6
+    kept = kept.sort(dim=-1).values
+    h_kept = h.gather(-1, kept)
+    s_kept = h_kept.to(wide.dtype) / denom
+    w = torch.softmax(s_kept / tau, dim=-1)                             # Eq. 7
     if delta is not None and delta > 0:
-        w = w * (s_kept >= delta)
-    return w.to(h.dtype) * h.gather(-1, kept), kept
+        w = w * (s_kept >= delta)                                       # Eq. 8
+    return w.to(h.dtype) * h_kept, kept
 
 
 def fused_route_topk(
