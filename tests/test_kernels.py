@@ -5,6 +5,9 @@ it is first imported: TRITON_INTERPRET=1 is set below before anything imports tr
 imports it lazily, on the first kernel launch). Sizes stay small: the interpreter is slow.
 """
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 - must precede the first import of triton
 
@@ -150,6 +153,37 @@ def test_tie_gradients_follow_the_documented_rule():
     torch.testing.assert_close(grad, ref_grad)
     # zero response (by hand): s = 0 everywhere, so only the direct term g·w survives, w = (.5, .5, 0...)
     torch.testing.assert_close(grad[2], torch.tensor([0.6, 0.65, 0.0, 0.0, 0.0, 0.0]))
+
+
+# -- the compiled (CUDA) kernel ----------------------------------------------------------------
+COMPILE_FOR_H100_CLASS = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moram.kernels import routing_triton
+
+    routing_triton._import_triton()
+    kernel = triton.jit(routing_triton._route_mix_body)
+    signature = {"h_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*bf16", "idx_ptr": "*i64",
+                 "n_tokens": "i32", "n_atoms": "i32", "k_eff": "i32", "inv_tau": "fp32", "delta": "fp32",
+                 "eps": "fp32", **{name: "constexpr" for name in
+                 ("HAS_DELTA", "BACKWARD", "COMPACT", "WRITE_W", "BLOCK_T", "BLOCK_R")}}
+    for has_delta, backward, compact, write_w in [(1, 0, 0, 1), (1, 0, 1, 0), (0, 1, 0, 0), (1, 1, 0, 0)]:
+        modes = dict(HAS_DELTA=bool(has_delta), BACKWARD=bool(backward), COMPACT=bool(compact),
+                     WRITE_W=bool(write_w), BLOCK_T=16, BLOCK_R=256)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=modes), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], modes
+    print("compiled")
+""")
+
+
+def test_kernel_compiles_for_cuda_without_a_gpu():
+    """Triton's real compiler (not the interpreter) down to sm_90 machine code, in a process of its
+    own because this one imported triton in interpreter mode."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100_CLASS], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # -- empty banks and dispatch -------------------------------------------------------------------
