@@ -68,6 +68,8 @@ BAD_JOB_CONFIGS = [
     ({"data": {"tasks": ["FOMC", "FOMC"]}, "train": {"epochs": 1}}, "data.tasks"),
     ({"data": {"tasks": "FOMC"}}, "data.tasks"),
     ({"data": {"max_train_examples": 0}}, "data.max_train_examples"),
+    ({"data": {"max_train_examples": 1}, "scaling": {"num_workers": 2}, "train": {"global_batch_size": 8}},
+     "data.max_train_examples"),                                         # a worker with no examples
     ({"data": {"max_eval_examples": 0}}, "data.max_eval_examples"),
     ({"data": {"max_eval_examples": -3}}, "data.max_eval_examples"),
     ({"data": {"eval_split": "train"}}, "data.eval_split"),

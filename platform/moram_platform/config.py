@@ -333,6 +333,10 @@ def _cross_key_problems(config: JobConfig) -> list[str]:
         refuse("train.global_batch_size", f"must be a multiple of train.micro_batch_size x scaling.num_workers "
                                           f"({train.micro_batch_size} x {scaling.num_workers})",
                train.global_batch_size)
+    limit = config.data.max_train_examples
+    if limit is not None and limit < scaling.num_workers:  # a worker without examples takes no step
+        refuse("data.max_train_examples", f"must be >= scaling.num_workers ({scaling.num_workers}): every worker "
+                                          f"trains on its own share", limit)
     if train.engine == "deepspeed" and train.zero_stage == 3:
         refuse("train.zero_stage", "ZeRO-3 is not supported: it partitions each parameter across workers, and "
                                    "committing a task exports its atoms whole from one worker; use 0, 1 or 2",
@@ -365,6 +369,7 @@ def reference() -> str:
             lines += ["", f"## `{name}:`", "", info.description or "", "",
                       "| key | type | default | description |", "|---|---|---|---|"]
             lines += [_row(f"{name}.{key}", field) for key, field in _fields(info.annotation).items()]
+    lines += _space_reference()
     lines += ["", _ADD_A_BENCHMARK]
     return "\n".join(lines) + "\n"
 
@@ -386,6 +391,27 @@ A third benchmark `foo` is one package, one table line, a job and its configs:
 4. `jobs/foo.py` (a copy of `jobs/trace.py` with its default config) and `jobs/configs/foo/*.yaml`
    (`benchmark: foo`); `tune_spaces/foo.yaml` for sweeps.
 5. Regenerate this file: `python -m moram_platform.config --print-reference > docs/config.md`."""
+
+
+def _space_reference() -> list[str]:
+    """The keys of a Tune sweep space file (``moram_platform.tune.space``)."""
+    from .tune.space import Param, SweepSpace
+
+    lines = ["", "# Sweep space files", "",
+             "`tune_spaces/<benchmark>.yaml`, read by `jobs/tune.py` (docs/tune.md); `--space-set key.path=value` "
+             "overrides a key. Errors have the same form as a job config's.", "",
+             "| key | type | default | description |", "|---|---|---|---|"]
+    fields = _fields(SweepSpace)
+    for name, info in fields.items():
+        key = info.alias or name
+        if key == "params":
+            lines.append(f"| `params` | dict[str, param] | `required` | {_cell(info.description or '')} |")
+            lines += [_row(f"params.<name>.{field}", spec) for field, spec in _fields(Param).items()]
+        elif _is_section(info.annotation):
+            lines += [_row(f"{key}.{field}", spec) for field, spec in _fields(info.annotation).items()]
+        else:
+            lines.append(_row(key, info))
+    return lines
 
 
 def _moram_section() -> list[str]:
@@ -416,8 +442,11 @@ def _is_section(annotation: Any) -> bool:
 
 
 def _row(key: str, info: Any) -> str:
-    default = info.default_factory() if info.default_factory is not None else info.default
-    shown = "null" if default is None else _yaml_inline(default)
+    if info.is_required():
+        shown = "required"
+    else:
+        default = info.default_factory() if info.default_factory is not None else info.default
+        shown = "null" if default is None else _yaml_inline(default)
     if key == "moram.seed":
         shown = "run.seed"
     return f"| `{key}` | {_type_name(info.annotation)} | `{shown}` | {_cell(info.description or '')} |"

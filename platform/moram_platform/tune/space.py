@@ -73,7 +73,7 @@ def _choices(names: tuple[str, ...]):
     return rule(lambda v: v in names, f"must be one of {list(names)}")
 
 
-Bound = Annotated[Any, BeforeValidator(_bound)]
+Bound = Annotated[int | float | None, BeforeValidator(_bound)]
 
 
 # -- the parts of a space ------------------------------------------------------------------------
@@ -204,9 +204,9 @@ def _dotted_keys(overrides: dict[str, Any]) -> dict[str, Any]:
 class SweepSpace(_Frozen):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    base_config: Annotated[Any, BeforeValidator(_base_config)] = Field(
-        None, validate_default=True, description="the job config the sweep tunes (a path from the working "
-                                                 "directory)")
+    base_config: Annotated[str, BeforeValidator(_base_config)] = Field(
+        None, validate_default=True, description="required: the job config the sweep tunes (a path from the "
+                                                 "working directory)")
     trial_overrides: Annotated[dict[Str, Any], pydantic.AfterValidator(_dotted_keys)] = Field(
         default_factory=dict, description="job-config key -> value for training trials only (shorter trials); "
                                           "not in the best config")
