@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ for source in (str(ROOT), str(ROOT / "platform")):
         sys.path.insert(0, source)
 
 for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false"}.items():
+                   "TOKENIZERS_PARALLELISM": "false", "MLFLOW_CONFIGURE_LOGGING": "false"}.items():
     os.environ.setdefault(key, value)
 
 
@@ -27,6 +26,10 @@ def parser(description: str, default_config: str) -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="run id; rerunning with the same id resumes after the last committed task")
     p.add_argument("--stop-after", type=int, help="stop after this many tasks (resume later with the same --run-name)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--log-level", choices=("debug", "info", "warning"),
+                   help="terminal output: info (default: progress and results; Ray, DeepSpeed and torch output "
+                        "go to the run's log file), debug (everything, also Ray's workers) or warning; "
+                        "default $MORAM_LOG_LEVEL, else info")
     return p
 
 
@@ -44,17 +47,74 @@ def load(args) -> "JobConfig":  # noqa: F821
 
 
 def run(config, args) -> int:
-    from moram_platform.sequence import run_sequence
+    from moram_platform.benchmark import get_benchmark
+    from moram_platform.console import JobConsole, default_level
+    from moram_platform.sequence import default_run_id, run_sequence
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = run_sequence(config, stop_after=args.stop_after, progress=not args.quiet)
+        level = args.log_level or default_level()
+        config.run.name = config.run.name or default_run_id(config)   # names the log file too
+        get_benchmark(config.benchmark).validate(config.with_absolute_paths())  # bad input: before Ray starts
     except (ValueError, LookupError, FileNotFoundError) as error:
         # Bad input is a clear one-line message, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
+    log_file = Path(config.run.output_dir).resolve() / "logs" / f"{config.run.name}.log"
+    console = JobConsole(level, log_file)
+    console.configure_logging()
+    print(f"{config.benchmark}: {len(config.data.tasks)} tasks ({', '.join(config.data.tasks)}), "
+          f"run {config.run.name}; log: {_shown(log_file)}", flush=True)
+    try:
+        start_ray(console)
+        result = run_sequence(config, stop_after=args.stop_after, progress=not args.quiet,
+                              on_task_done=_print_row(config.data.tasks))
+    except (ValueError, LookupError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BaseException:
+        print(f"the job failed; its full log: {_shown(log_file)}", file=sys.stderr)
+        raise
     print(f"\n== {result.run_id} ==")
     print(result.table())
     print(f"\nregistry: {result.registry_uri} (versions {result.versions})")
     print(f"MLflow:   {result.mlflow_url}")
+    print(f"log:      {_shown(log_file)}")
     return 0
+
+
+def start_ray(console) -> None:
+    """Join $RAY_ADDRESS or start Ray in-process, with the job's log level for Ray's workers;
+    their output is routed (terminal or log file) by ``console``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    console.route_worker_output()
+    console.reclaim_ray_logger()
+    kwargs = console.ray_init_kwargs()
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    console.reclaim_ray_logger()
+
+
+def _print_row(tasks: list[str]):
+    """After each task: the new row of the accuracy matrix (and the zero-shot row first)."""
+    width = max(len(t) for t in tasks)
+
+    def show(index: int, matrix, baseline) -> None:
+        if index == 0 and baseline is not None:
+            print("  zero-shot: " + "  ".join(f"{t} {v:.1f}" for t, v in zip(tasks, baseline)), flush=True)
+        row = matrix[-1]
+        print(f"  task {index + 1}/{len(tasks)} {tasks[index]:<{width}} evaluated: "
+              + "  ".join(f"{t} {v:.1f}" for t, v in zip(tasks, row)), flush=True)
+
+    return show
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (shorter to read)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -20,7 +20,7 @@ from .benchmark import get_benchmark
 from .config import JobConfig, config_from_dict
 from .registry import BaseModelRef
 from .registry.actor import get_registry_actor
-from .training import Progress, World, train_task
+from .training import Progress, World, steps_per_task, train_task
 
 # Fault injection for tests and drills, read by the driver: the chief worker dies at this
 # optimizer step on its first attempt (no checkpoint restored yet), like a preempted node.
@@ -39,10 +39,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     logger = _StepLogger(loop.get("tracking_uri"), loop.get("mlflow_run_id")) if world.is_chief else None
     checkpoint = ray.train.get_checkpoint()
     fault_step = int(loop.get("fault_at_step") or 0) if checkpoint is None else 0
+    bar = _training_bar(config, benchmark, loop["task_index"], world) if loop["progress"] and world.is_chief else None
 
     def on_step(progress: Progress) -> None:
         if logger is not None:
             logger.log(progress)
+        if bar is not None:
+            bar.n = progress.step
+            bar.set_description(f"{bar.label} loss {progress.losses[-1]:.3f}")
         if fault_step and world.is_chief and progress.step == fault_step:
             os._exit(1)  # a hard crash, no cleanup: what a lost node looks like to Ray
 
@@ -55,10 +59,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             result = train_task(config, benchmark, loop["task_index"], shards, world, checkpoint_dir=folder,
-                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=loop["progress"])
+                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False)
     else:
         result = train_task(config, benchmark, loop["task_index"], shards, world,
-                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=loop["progress"])
+                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False)
+    if bar is not None:
+        bar.close()
     metrics = result.metrics()
     if checkpoint is not None:
         metrics["resumed_from_step"] = result.resumed_from_step
@@ -70,6 +76,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if logger is not None:
             logger.flush()
     ray.train.report(metrics)
+
+
+def _training_bar(config, benchmark, task_index: int, world: World):
+    """The chief worker's training bar, drawn by the driver (Ray's tqdm: one bar, whatever the
+    worker count, and no worker log lines on the terminal)."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    task = config.data.tasks[task_index]
+    total = steps_per_task(config, task_index, len(benchmark.train_examples(config, task)), world.size)
+    bar = tqdm(total=total, desc=f"  train {task} [{task_index + 1}/{len(config.data.tasks)}]", unit="step")
+    bar.label = bar._desc
+    return bar
 
 
 class _StepLogger:

@@ -63,7 +63,7 @@ class Tracker:
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=local_artifact_location(self.tracking_uri))
         except mlflow.exceptions.MlflowException:  # created concurrently
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -134,10 +134,33 @@ class Tracker:
             self.log_file(run_id, path, artifact_path)
 
     def ui_url(self, run_id: str) -> str:
+        """Where to look at the run: its page on a tracking server, or, for a local store, the
+        command that serves it (runnable from a fresh shell) and the page that lists its runs."""
         uri = redact(self.tracking_uri)
+        runs_view = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
         if uri.startswith(("http://", "https://")):
             return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"mlflow ui --backend-store-uri {uri}  (experiment {self.experiment_id}, run {run_id})"
+        return (f"{mlflow_command()} ui --backend-store-uri {uri}\n"
+                f"          then open http://127.0.0.1:5000/{runs_view}  (run {run_id})")
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside it (``<folder>/mlartifacts``), not in the
+    working directory's ``./mlruns`` where MLflow would put them; a server decides for itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def mlflow_command() -> str:
+    """``mlflow`` as a fresh shell finds it: the one next to this interpreter (a venv's bin/)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "mlflow"
+    if beside.is_file() and shutil.which("mlflow") != str(beside):
+        return str(beside)
+    return "mlflow"
 
 
 def matrix_csv(matrix: list[list[float | None]], tasks: list[str], row_names: list[str] | None = None) -> str:

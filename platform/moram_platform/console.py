@@ -1,0 +1,165 @@
+"""What a job prints, and what it keeps in its log file.
+
+By default (level ``info``) the terminal gets the job's own progress and results: the
+``moram``/``moram_platform`` loggers at INFO, the training bars of the Ray Train workers, and
+every ERROR (from any library, on the driver or a worker). Everything else -- Ray, DeepSpeed,
+torch and MLflow start-up chatter, repeated internal warnings, the workers' own output -- goes
+to the job's log file only. Level ``debug`` (``--log-level debug`` or ``MORAM_LOG_LEVEL=debug``)
+shows everything on the terminal as well, at DEBUG, and asks Ray to log its workers at DEBUG
+(``ray.LoggingConfig``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+LEVELS = ("debug", "info", "warning")
+LEVEL_ENV = "MORAM_LOG_LEVEL"
+OWN_LOGGERS = ("moram", "moram_platform")
+# Worker lines the terminal shows even when quiet: records logged as errors. (Tracebacks that
+# Ray prints while retrying internally are not; a failure that stops the job reaches the driver
+# as an exception, with its traceback.)
+_ALARM = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def default_level() -> str:
+    level = os.environ.get(LEVEL_ENV, "info").lower()
+    if level not in LEVELS:
+        raise ValueError(f"{LEVEL_ENV}: expected one of {', '.join(LEVELS)}, got {level!r}")
+    return level
+
+
+class JobConsole:
+    """Routes the driver's logging and the Ray workers' output between terminal and log file."""
+
+    def __init__(self, level: str, log_file: Path):
+        self.level = level
+        self.verbose = level == "debug"
+        self.log_file = log_file
+        self._file_handler: _LazyFileHandler | None = None
+        self._handlers: list[logging.Handler] = []
+
+    # -- the driver's Python logging -----------------------------------------------------------
+    def configure_logging(self) -> None:
+        """Terminal: our loggers (and every library's errors); file: everything, opened lazily
+        (a job stopped by bad input writes nothing)."""
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow logs through ours
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        root.setLevel(logging.DEBUG if self.verbose else logging.INFO)
+        terminal = logging.StreamHandler(sys.stderr)
+        if self.verbose:
+            terminal.setFormatter(logging.Formatter(_FORMAT))
+        else:
+            terminal.setFormatter(logging.Formatter("%(message)s"))
+            terminal.addFilter(_OwnOrSevere(logging.WARNING if self.level == "warning" else logging.INFO))
+        self._file_handler = _LazyFileHandler(self.log_file)
+        self._file_handler.setFormatter(logging.Formatter(_FORMAT))
+        self._handlers = [terminal, self._file_handler]
+        for handler in self._handlers:
+            root.addHandler(handler)
+        logging.captureWarnings(True)  # library warnings (torch, transformers) are log records too
+
+    def reclaim_ray_logger(self) -> None:
+        """Ray gives its ``ray`` logger a terminal handler of its own; send its records
+        through ours instead (call before and after ``ray.init``)."""
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            if handler not in self._handlers:
+                root.removeHandler(handler)
+        ray_logger = logging.getLogger("ray")
+        for handler in ray_logger.handlers[:]:
+            ray_logger.removeHandler(handler)
+        ray_logger.propagate = True
+        ray_logger.setLevel(logging.DEBUG if self.verbose else logging.INFO)
+
+    # -- Ray -----------------------------------------------------------------------------------
+    def ray_init_kwargs(self) -> dict:
+        """The workers log at the job's level (``ray.LoggingConfig``); the driver keeps ours."""
+        import ray
+
+        job_config = ray.job_config.JobConfig()
+        job_config.set_py_logging_config(ray.LoggingConfig(encoding="TEXT", log_level=self.level.upper()))
+        return {"job_config": job_config, "configure_logging": False, "log_to_driver": True}
+
+    def route_worker_output(self) -> None:
+        """Install, before ``ray.init``, a filter in front of the driver's printer of worker
+        output: progress bars and errors reach the terminal, every line reaches the log file."""
+        if self.verbose:
+            return
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        if getattr(dispatcher, "_moram_routed", False):
+            return
+        add_handler = dispatcher.add_handler
+
+        def routed_add_handler(name, handler):
+            add_handler(name, self._worker_filter(handler) if name == "ray_print_logs" else handler)
+
+        dispatcher.add_handler = routed_add_handler
+        dispatcher._moram_routed = True
+
+    def _worker_filter(self, print_to_terminal):
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+        def handle(data: dict) -> None:
+            lines = data.get("lines", [])
+            shown = [line for line in lines if RAY_TQDM_MAGIC in line or _ALARM.search(line)]
+            quiet = [line for line in lines if RAY_TQDM_MAGIC not in line]
+            if quiet:
+                self._write_raw(data, quiet)
+            if shown:
+                print_to_terminal({**data, "lines": shown})
+
+        return handle
+
+    def _write_raw(self, data: dict, lines: list[str]) -> None:
+        if self._file_handler is None:
+            return
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        prefix = f"({who} pid={data.get('pid')}) "
+        self._file_handler.write_lines(prefix + line for line in lines)
+
+
+class _OwnOrSevere(logging.Filter):
+    """Our loggers from ``level`` up; any other logger only for errors."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.own_level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".")[0] in OWN_LOGGERS or record.name == "__main__"
+        return record.levelno >= (self.own_level if own else logging.ERROR)
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that creates its folder and file on the first record only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(self.path, delay=True, encoding="utf-8")
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def write_lines(self, lines) -> None:
+        self.acquire()
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+            for line in lines:
+                self.stream.write(line.rstrip("\n") + "\n")
+            self.stream.flush()
+        finally:
+            self.release()
+
+    @property
+    def written(self) -> bool:
+        return self.path.is_file()
