@@ -186,6 +186,46 @@ def test_kernel_compiles_for_cuda_without_a_gpu():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
+CUDA_AGAINST_ROUTE = textwrap.dedent("""
+    import torch
+    from moram import functional as MF
+    from moram.kernels import fused_route_mix, fused_route_topk
+
+    def route_lowest_index_ties(h, k, tau, delta):  # functional.route with the kernel's tie rule
+        k_eff = MF.effective_k(k, h.shape[-1])
+        s = MF.normalized_scores(h)
+        kept = s.sort(dim=-1, descending=True, stable=True).indices[..., :k_eff]
+        masked = torch.full_like(s, float("-inf")).scatter(-1, kept, s.gather(-1, kept))
+        w = torch.softmax(masked / tau, dim=-1)
+        return (w * (s >= delta) if delta else w).to(h.dtype)
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for R, k, delta in ((256, 16, None), (256, 16, 0.05), (56, 16, None), (3, 16, None), (2000, 16, None)):
+            h = torch.randn(4097, R, device="cuda").to(dtype).requires_grad_()
+            g = torch.randn_like(h)
+            out = fused_route_mix(h, k, 0.03, delta)  # auto: the compiled kernel on CUDA
+            (grad,) = torch.autograd.grad(out, h, g)
+            ref = route_lowest_index_ties(h, k, 0.03, delta) * h  # bf16 has many exact ties
+            (ref_grad,) = torch.autograd.grad(ref, h, g)
+            for a, b in ((out, ref), (grad, ref_grad)):
+                error = (a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)
+                assert error < tol, (dtype, R, k, delta, float(error))
+            coef, idx = fused_route_topk(h, k, 0.03, delta)
+            dense = torch.zeros_like(h).scatter(-1, idx, coef)
+            assert (dense.float() - out.float()).abs().max() <= 1e-6, (dtype, R, "compact")
+    print("matched")
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compiled_kernel_on_cuda_matches_route():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", CUDA_AGAINST_ROUTE], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "matched" in done.stdout, done.stderr[-3000:]
+
+
 # -- empty banks and dispatch -------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_bank(backend):
