@@ -49,7 +49,7 @@ _GREEDY_NO_REPEAT = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1
 PROFILES: dict[str, EvaluationProfile] = {
     "moram-repo": EvaluationProfile(
         name="moram-repo",
-        generation=_GREEDY_NO_REPEAT,
+        generation=dict(_GREEDY_NO_REPEAT),
         scoring="moram-repo",
         description="official MoRAM code: greedy, repetition penalty 1.2, no-repeat 3-gram; its scoring, quirks included",
     ),
@@ -61,7 +61,7 @@ PROFILES: dict[str, EvaluationProfile] = {
     ),
     "lenient": EvaluationProfile(
         name="lenient",
-        generation=_GREEDY_NO_REPEAT,
+        generation=dict(_GREEDY_NO_REPEAT),
         scoring="lenient",
         description="moram-repo decoding, cleaned scoring: the answer found inside a chattier generation",
     ),
