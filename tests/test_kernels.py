@@ -109,13 +109,19 @@ def test_compact_matches_route(backend, R, k, dtype):
     assert_close_in(dtype, grad, ref_grad)
 
 
-def test_weights_for_statistics():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_for_statistics(backend):
     torch.manual_seed(2)
-    h = torch.randn(6, 10)
-    mixed, w = fused_route_mix(h, 3, 0.5, 0.2, backend="triton", return_weights=True)
-    torch.testing.assert_close(w, MF.route(h, 3, 0.5, 0.2))
+    h = torch.randn(6, 10, requires_grad=True)
+    expected = MF.route(h, 3, 0.5, 0.2).detach()
+    mixed, w = fused_route_mix(h, 3, 0.5, 0.2, backend=backend, return_weights=True)
+    torch.testing.assert_close(w, expected)
     torch.testing.assert_close(mixed, w * h)
-    assert not w.requires_grad
+    coef, idx, w_kept = fused_route_topk(h, 3, 0.5, 0.2, backend=backend, return_weights=True)
+    torch.testing.assert_close(w_kept, expected.gather(-1, idx))
+    torch.testing.assert_close(torch.zeros(10).index_add_(0, idx.flatten(), w_kept.flatten()),
+                               MF.activation_mass(expected))
+    assert not w.requires_grad and not w_kept.requires_grad and mixed.requires_grad
 
 
 # -- ties: the kernel keeps the lowest atom indices among equal scores -------------------------
@@ -168,7 +174,7 @@ COMPILE_FOR_H100_CLASS = textwrap.dedent("""
                  "n_tokens": "i32", "n_atoms": "i32", "k_eff": "i32", "inv_tau": "fp32", "delta": "fp32",
                  "eps": "fp32", **{name: "constexpr" for name in
                  ("HAS_DELTA", "BACKWARD", "COMPACT", "WRITE_W", "BLOCK_T", "BLOCK_R")}}
-    for has_delta, backward, compact, write_w in [(1, 0, 0, 1), (1, 0, 1, 0), (0, 1, 0, 0), (1, 1, 0, 0)]:
+    for has_delta, backward, compact, write_w in [(1, 0, 0, 1), (1, 0, 1, 0), (0, 0, 1, 1), (0, 1, 0, 0), (1, 1, 0, 0)]:
         modes = dict(HAS_DELTA=bool(has_delta), BACKWARD=bool(backward), COMPACT=bool(compact),
                      WRITE_W=bool(write_w), BLOCK_T=16, BLOCK_R=256)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=modes), target=GPUTarget("cuda", 90, 32))

@@ -57,8 +57,9 @@ def fused_route_mix(
 
 
 def route_topk_reference(
-    h: torch.Tensor, k: int, tau: float, delta: float | None = None, eps: float = MF.DEFAULT_EPS
-) -> tuple[torch.Tensor, torch.Tensor]:
+    h: torch.Tensor, k: int, tau: float, delta: float | None = None, eps: float = MF.DEFAULT_EPS,
+    *, return_weights: bool = False,
+):
     """Eqs. 5-8 in compact form, in PyTorch. The softmax over the k_eff kept scores equals
     route()'s softmax over the -inf-masked vector, and s = h / max(||h||, eps) scales a row by
     one positive number, so the top-k of h is the top-k of s: only the kept scores are divided.
@@ -73,7 +74,9 @@ def route_topk_reference(
     w = torch.softmax(s_kept / tau, dim=-1)                             # Eq. 7
     if delta is not None and delta > 0:
         w = w * (s_kept >= delta)                                       # Eq. 8
-    return w.to(h.dtype) * h_kept, kept
+    w = w.to(h.dtype)
+    coef = w * h_kept
+    return (coef, kept, w.detach()) if return_weights else (coef, kept)
 
 
 def fused_route_topk(
@@ -84,16 +87,20 @@ def fused_route_topk(
     eps: float = MF.DEFAULT_EPS,
     *,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """The kept mixed coefficients (w ⊙ h)[kept] [..., k_eff] (differentiable in h) and their
     atom indices [..., k_eff] (int64, ascending): the input of sparse_value().
 
-    With R = 0 both are empty ([..., 0])."""
+    ``return_weights`` adds the kept weights w[kept] [..., k_eff] (detached); an atom's activation
+    mass is then ``zeros(R).index_add_(0, idx.flatten(), w.flatten())``.
+    With R = 0 all are empty ([..., 0])."""
     if h.shape[-1] == 0:
-        return h, torch.zeros(h.shape, dtype=torch.int64, device=h.device)
+        idx = torch.zeros(h.shape, dtype=torch.int64, device=h.device)
+        return (h, idx, h.detach()) if return_weights else (h, idx)
     if not _use_triton(h, backend) or h.numel() == 0:
-        return route_topk_reference(h, k, tau, delta, eps)
+        return route_topk_reference(h, k, tau, delta, eps, return_weights=return_weights)
     k_eff = MF.effective_k(k, h.shape[-1])
-    coef, idx = routing_triton.TritonRouteMix.apply(_as_rows(h), k_eff, tau, delta, eps, True, False)
+    outputs = routing_triton.TritonRouteMix.apply(_as_rows(h), k_eff, tau, delta, eps, True, return_weights)
     shape = (*h.shape[:-1], k_eff)
-    return coef.view(shape), idx.view(shape)
+    return tuple(t.view(shape) for t in outputs)

@@ -111,10 +111,12 @@ def _route_mix_body(
             tl.store(out_ptr + compact, mixed, mask=selected)
             tl.store(idx_ptr + compact, cols[None, :].to(tl.int64) + tl.zeros_like(slot).to(tl.int64),
                      mask=selected)
+            if WRITE_W:
+                tl.store(w_ptr + compact, w_gated.to(w_ptr.dtype.element_ty), mask=selected)
         else:
             tl.store(out_ptr + offsets, mixed, mask=inside)
-        if WRITE_W:
-            tl.store(w_ptr + offsets, w_gated.to(w_ptr.dtype.element_ty), mask=inside)
+            if WRITE_W:
+                tl.store(w_ptr + offsets, w_gated.to(w_ptr.dtype.element_ty), mask=inside)
 
 
 def interpreting() -> bool:
@@ -153,7 +155,8 @@ def _launch(h2, g2, out, w, idx, k_eff, tau, delta, eps, *, backward, compact):
 
 class TritonRouteMix(torch.autograd.Function):
     """(h [T, R]) -> w ⊙ h [T, R] (or, compact, the kept coefficients [T, k_eff] and their atom
-    indices), plus the gated weights w [T, R] when asked (detached: activation statistics)."""
+    indices), plus the gated weights w when asked ([T, R], compact [T, k_eff]; detached: they
+    feed the activation statistics)."""
 
     @staticmethod
     def forward(ctx, h2, k_eff, tau, delta, eps, compact, want_weights):
@@ -163,7 +166,7 @@ class TritonRouteMix(torch.autograd.Function):
             idx = torch.zeros(n_tokens, k_eff, dtype=torch.int64, device=h2.device)
         else:
             out, idx = torch.empty_like(h2), None
-        w = torch.empty_like(h2) if want_weights else None
+        w = torch.empty_like(out) if want_weights else None
         _launch(h2, None, out, w, idx, k_eff, tau, delta, eps, backward=False, compact=compact)
         ctx.save_for_backward(*[t for t in (h2, idx) if t is not None])
         ctx.routing = (k_eff, tau, delta, eps)
