@@ -71,28 +71,35 @@ def save_pretrained(model: "MoRAMModel", save_directory: str | os.PathLike, *,
     """Write the model's atoms (one shard per finished task) and a small JSON config into
     ``save_directory``; base weights are never written. Returns the folder."""
     task_shards = list(shards) if shards is not None else task_shard_bytes(model)
-    parsed = [read_shard(data, name=f"shard of task {i}") for i, data in enumerate(task_shards)]
-    tasks = [shard.metadata["task"] for shard in parsed]
+    tasks = [read_shard(data, name=f"shard of task {i}").metadata["task"] for i, data in enumerate(task_shards)]
     if tasks != list(model.task_names):
         raise PretrainedError(f"save_pretrained: the shards hold tasks {tasks}, the model has finished "
                               f"{list(model.task_names)}")
+    memory = PretrainedMemory(config=moram_config_of(model).to_dict(), shards=task_shards, tasks=tasks,
+                              base_model_id=base_model_id or _base_model_id(model),
+                              base_model_revision=base_model_revision)
+    folder = write_memory(memory, save_directory)
+    _remember_shards(model, task_shards)
+    return folder
+
+
+def write_memory(memory: PretrainedMemory, save_directory: str | os.PathLike) -> Path:
+    """Write a memory in the save_pretrained layout (e.g. a registry version, to ship it)."""
     folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ATOMS_DIR).mkdir(exist_ok=True)
+    (folder / ATOMS_DIR).mkdir(parents=True, exist_ok=True)
     entries = []
-    for index, data in enumerate(task_shards):
+    for index, (task, data) in enumerate(zip(memory.tasks, memory.shards)):
         name = f"{ATOMS_DIR}/task-{index:03d}.safetensors"
         (folder / name).write_bytes(data)
-        entries.append({"file": name, "task": tasks[index], "sha256": hashlib.sha256(data).hexdigest()})
+        entries.append({"file": name, "task": task, "sha256": hashlib.sha256(data).hexdigest()})
     document = {
         "format": PRETRAINED_FORMAT, "format_version": PRETRAINED_FORMAT_VERSION,
-        "moram_config": moram_config_of(model).to_dict(),
-        "tasks": tasks,
-        "base_model": {"id": base_model_id or _base_model_id(model), "revision": base_model_revision},
+        "moram_config": memory.config,
+        "tasks": list(memory.tasks),
+        "base_model": {"id": memory.base_model_id, "revision": memory.base_model_revision},
         "shards": entries,
     }
     (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2))  # last: marks a complete save
-    _remember_shards(model, task_shards)
     return folder
 
 
@@ -235,4 +242,4 @@ def _read_file(folder: Path, name: str, sha256: str) -> bytes:
 
 
 __all__ = ["CONFIG_FILE", "MemorySource", "PretrainedError", "PretrainedMemory", "from_pretrained", "load_memory",
-           "moram_config_of", "save_pretrained", "task_shard_bytes"]
+           "moram_config_of", "save_pretrained", "task_shard_bytes", "write_memory"]
