@@ -13,6 +13,10 @@ Ratios are cost ratios (time per image, MoRAM / plain): 1.29 means 29 % slower. 
 reports 1.06x after 1 task and 1.29x after 10 for inference on ViT-B-16 (GPU).
 Weights are random (allow_random_init) and images are random tensors: cost does not depend on
 either. Post-pruning is off, so every task keeps all r atoms per layer (the worst case).
+The step is the production one: the MoRAM settings and train section of
+jobs/configs/xtail/vit-b-16_moram.yaml (engine torch), XTailBenchmark.loss on a batch in its
+collate format, and the platform's engine (moram_platform.engine.build_engine); the plain model
+takes the same loss, AdamW and schedule calls.
 """
 from __future__ import annotations
 
@@ -24,8 +28,15 @@ import warnings
 
 import torch
 
+from pathlib import Path
+
 from moram import get_moram_model
-from moram_platform.xtail import XTailSettings, load_backbone, register_model_config, xtail_loss
+from moram_platform.config import JobConfig, load_config
+from moram_platform.engine import _optimizer, build_engine, lr_schedule
+from moram_platform.xtail import load_backbone, register_model_config
+from moram_platform.xtail.benchmark import XTailBenchmark
+
+CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "xtail" / "vit-b-16_moram.yaml"
 
 BENCH_VIT = register_model_config("xtail-bench-vit", {
     "embed_dim": 256,
@@ -54,18 +65,14 @@ def sync(device: torch.device) -> None:
 
 
 class Variant:
-    """One model with its optimizer, a training step and an inference batch."""
+    """One model with its training step (engine) and an inference batch."""
 
-    def __init__(self, name: str, model, parameters, tokens, settings: XTailSettings):
-        self.name, self.model, self.tokens = name, model, tokens
-        self.optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=settings.betas)
+    def __init__(self, name: str, model, step):
+        self.name, self.model, self.step = name, model, step
 
-    def train_step(self, images, labels) -> None:
+    def train_step(self, batch) -> None:
         self.model.train()
-        loss = xtail_loss(self.model, images, labels, self.tokens, num_seen=0)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.step(batch)
 
     @torch.no_grad()
     def infer(self, images) -> None:
@@ -73,14 +80,37 @@ class Variant:
         self.model.encode_image(images)
 
 
-def moram_variant(base, tasks: int, tokens, images, labels, settings) -> Variant:
+def engine_step(model, config: JobConfig, loss_fn, steps: int):
+    """The platform's training step for a MoRAM model: engine.loss, backward, step."""
+    engine = build_engine(model, loss_fn, config.train, 1, steps)
+
+    def step(batch) -> None:
+        engine.backward(engine.loss(batch))
+        engine.step()
+    return step
+
+
+def plain_step(model, config: JobConfig, loss_fn, steps: int):
+    """The same calls for the plain model, every weight trainable (no atoms, no extra loss)."""
+    optimizer = _optimizer(list(model.parameters()), config.train)
+    schedule = lr_schedule(optimizer, config.train, steps)
+
+    def step(batch) -> None:
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def moram_variant(base, tasks: int, batch, config: JobConfig, loss_fn, steps: int) -> Variant:
     """A MoRAM model with tasks-1 frozen blocks and task ``tasks`` open for training."""
-    model = get_moram_model(copy.deepcopy(base), settings.moram_config(prune_mass=None))
+    model = get_moram_model(copy.deepcopy(base), config.moram_config.replace(prune_mass=None))
     for task in range(tasks):
         model.begin_task(f"task-{task}")
-        variant = Variant(f"MoRAM, {tasks} task{'s' * (tasks > 1)}", model, [p for p in model.parameters() if p.requires_grad],
-                          tokens, settings)
-        variant.train_step(images, labels)  # a block that trained takes part in routing
+        variant = Variant(f"MoRAM, {tasks} task{'s' * (tasks > 1)}", model,
+                          engine_step(model, config, loss_fn, steps))
+        variant.train_step(batch)  # a block that trained takes part in routing
         if task < tasks - 1:
             model.end_task(prune=False)
     return variant
@@ -107,7 +137,9 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    settings = XTailSettings()
+    config = load_config(CONFIG, ["train.engine=torch"])  # the X-TAIL settings, plain PyTorch engine
+    loss_fn = XTailBenchmark().loss
+    steps = (args.repeats + 1) * args.steps + len(args.tasks)  # the schedule never runs out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random init is the point here; the warning is expected
         backbone = load_backbone(args.model, allow_random_init=True, device=device)
@@ -115,14 +147,15 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, *((size, size) if isinstance(size, int) else size), device=device)
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
     tokens = backbone.tokenizer([f"a photo of a class {i}." for i in range(args.classes)]).to(device)
+    batch = {"images": images, "labels": labels, "tokens": tokens, "templates_per_class": 1, "num_seen": 0}
 
     plain_model = copy.deepcopy(backbone.model).requires_grad_(True)
-    variants = [Variant("plain open_clip", plain_model, list(plain_model.parameters()), tokens, settings)]
-    variants += [moram_variant(backbone.model, n, tokens, images, labels, settings) for n in args.tasks]
+    variants = [Variant("plain open_clip", plain_model, plain_step(plain_model, config, loss_fn, steps))]
+    variants += [moram_variant(backbone.model, n, batch, config, loss_fn, steps) for n in args.tasks]
     layers = len(variants[1].model.moram_layers)
 
     load_before = os.getloadavg()[0]
-    train = interleaved_fastest(variants, lambda v: v.train_step(images, labels), args.steps, args.repeats, device)
+    train = interleaved_fastest(variants, lambda v: v.train_step(batch), args.steps, args.repeats, device)
     for variant in variants[1:]:
         variant.model.end_task(prune=False)  # task n frozen: inference after n tasks
     infer = interleaved_fastest(variants, lambda v: v.infer(images), args.steps, args.repeats, device)

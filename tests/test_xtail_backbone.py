@@ -5,9 +5,14 @@ import warnings
 import pytest
 import torch
 
+from fixtures.paths import PROJECT_ROOT
+
 from moram import get_moram_model
-from moram_platform.xtail import (TINY_VIT, TINY_VIT_CONFIG, XTAIL_TARGET_MODULES, XTailSettings, load_backbone,
-                                  register_model_config)
+from moram_platform.config import load_config
+from moram_platform.xtail import TINY_VIT, TINY_VIT_CONFIG, XTAIL_TARGET_MODULES, load_backbone, register_model_config
+
+# the MoRAM settings of the shipped X-TAIL job config (r = k = 16 on both towers' six targets)
+XTAIL_MORAM = load_config(PROJECT_ROOT / "jobs" / "configs" / "xtail" / "vit-b-16_moram.yaml").moram_config
 
 
 def _state(model):
@@ -102,7 +107,7 @@ def test_moram_wraps_every_target_of_both_towers_and_starts_as_the_base():
     with torch.no_grad():
         base_image, base_text = backbone.model.encode_image(images), backbone.model.encode_text(tokens)
 
-    model = get_moram_model(backbone.model, XTailSettings().moram_config())
+    model = get_moram_model(backbone.model, XTAIL_MORAM.replace())
     # 2 towers x 2 blocks x (q, k, v, out, c_fc, c_proj)
     assert len(model.moram_layers) == 24
     for tower in ("visual.transformer.resblocks", "transformer.resblocks"):
@@ -120,7 +125,7 @@ def test_moram_wraps_every_target_of_both_towers_and_starts_as_the_base():
 def test_only_the_new_atoms_train():
     with pytest.warns(UserWarning):
         backbone = load_backbone(TINY_VIT, allow_random_init=True)
-    model = get_moram_model(backbone.model, XTailSettings().moram_config())
+    model = get_moram_model(backbone.model, XTAIL_MORAM.replace())
     model.begin_task("first")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {n.rsplit(".", 1)[-1] for n in trainable} == {"A", "B"}, sorted(trainable)[:4]

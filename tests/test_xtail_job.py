@@ -229,21 +229,6 @@ def test_max_eval_examples_takes_an_even_spread_of_every_class(benchmark_and_con
     assert all(sum(label == c for _, label in chosen) == 4 for c in range(10))
 
 
-def test_loss_through_the_forward_is_xtail_loss(benchmark_and_config):
-    from moram_platform.xtail import xtail_loss
-
-    benchmark, config = benchmark_and_config
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model, processor = benchmark.load_model(config)
-    model.eval()
-    batch = benchmark.collate(config, processor, "CIFAR-10", benchmark.train_examples(config, "CIFAR-10")[::10])
-    assert batch["num_seen"] == 20
-    with torch.no_grad():
-        expected = xtail_loss(model, batch["images"], batch["labels"], batch["tokens"], 20)
-        torch.testing.assert_close(benchmark.loss(model, batch), expected)
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["data.max_train_examples=8"], "data.max_train_examples: not used by X-TAIL"),
     (["xtail.templates={SVHN: ['a photo of {}']}"], "xtail.templates: names domains that are not in data.tasks: ['SVHN']"),

@@ -3,7 +3,7 @@
     backbone = load_backbone("ViT-B-16", pretrained="/models/vit-b-16.pt")   # a local checkpoint
     backbone = load_backbone("ViT-B-16", pretrained="openai")                # a tag, if already cached
     backbone = load_backbone("xtail-tiny-vit", allow_random_init=True)       # tests, benchmarks
-    model = get_moram_model(backbone.model, XTailSettings().moram_config())  # both towers
+    model = get_moram_model(backbone.model, load_config("jobs/configs/xtail/vit-b-16_moram.yaml").moram_config)
 
 Nothing here downloads: a pretrained tag resolves only to a file already in the local open_clip /
 Hugging Face cache, and random initialisation has to be asked for explicitly.

@@ -12,6 +12,7 @@ that ``jobs/xtail.py`` runs on the same spine as TRACE (Ray Train workers, regis
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from ..config import ConfigError, JobConfig
 from .backbone import XTAIL_TARGET_MODULES, _resolve_pretrained, load_backbone, register_model_config
 from .data import Domain, ImageSamples, load_domain
 from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
-from .train import xtail_loss_from_features
+from .loss import text_token_mask, xtail_loss
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,13 @@ class XTailProcessor:
 
 class XTailBenchmark:
     name = "xtail"
-    # both CLIP towers' attention (q, k, v, out) and MLP (c_fc, c_proj) projections
-    moram_defaults: dict[str, Any] = {"target_modules": list(XTAIL_TARGET_MODULES)}
+    # The official X-TAIL settings (XTAIL/runner_moram.sh, loralib/moram.py; DESIGN.md): both CLIP
+    # towers' attention (q, k, v, out) and MLP (c_fc, c_proj) projections, r = k = 16, tau 0.01,
+    # delta 0.2, no post-pruning, no dropout, scale 1. Scale 1 is alpha = r: a config that sets
+    # moram.r to another value must set moram.alpha too (validate_config says so), since a fixed
+    # default alpha would no longer be r.
+    moram_defaults: dict[str, Any] = {"target_modules": list(XTAIL_TARGET_MODULES), "r": 16, "k": 16, "tau": 0.01,
+                                      "delta": 0.2, "prune_mass": None, "dropout": 0.0, "alpha": 16.0}
 
     def __init__(self):
         self._domains: dict[str, Domain] = {}
@@ -75,7 +81,7 @@ class XTailBenchmark:
             _check_config(config)
         except ConfigError as error:
             return [str(error)]
-        return []
+        return _scale_problems(config.moram)
 
     def eval_profile(self, config: JobConfig) -> str:
         return PROFILE  # one profile: every domain scored over the union label space
@@ -146,11 +152,14 @@ class XTailBenchmark:
         """``xtail_loss`` through ``model(image=, text=)``: the engine's forward, which DeepSpeed
         needs to run (its ZeRO hooks), instead of the encoders called one by one."""
         dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 casts the model, not the batch
-        image_features, prompt_features, scale = _clip_outputs(model(image=batch["images"].to(dtype),
-                                                                     text=batch["tokens"]))
+        tokens = batch["tokens"]
+        # The prompts' padding counts in no activation statistic. The mask [prompts, context]
+        # applies to the layers whose input is [prompts, context, width]: the text tower's.
+        with _token_mask(model, text_token_mask(tokens)):
+            image_features, prompt_features, scale = _clip_outputs(model(image=batch["images"].to(dtype),
+                                                                         text=tokens))
         text_features = mean_over_templates(prompt_features.float(), batch["templates_per_class"])
-        return xtail_loss_from_features(image_features.float(), text_features, scale.float(), batch["labels"],
-                                        batch["num_seen"])
+        return xtail_loss(image_features.float(), text_features, scale.float(), batch["labels"], batch["num_seen"])
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -209,6 +218,14 @@ def _same_state(old: list, new: list) -> bool:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _token_mask(model: nn.Module, mask: torch.Tensor):
+    """``MoRAMModel.token_mask`` of ``model`` or of the MoRAMModel an engine wraps (DeepSpeed and
+    DDP keep it as ``.module``); a plain model (no atoms, no statistics) needs none."""
+    while not hasattr(type(model), "token_mask") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model.token_mask(mask) if hasattr(type(model), "token_mask") else contextlib.nullcontext()
+
+
 def _without_scalar_parameters(model: nn.Module) -> nn.Module:
     """0-dim parameters (CLIP's logit_scale, SigLIP's logit_bias) as shape [1], same values:
     DeepSpeed broadcasts every parameter as bytes at start-up, which a 0-dim tensor cannot be
@@ -249,6 +266,16 @@ def _load_domain(config: JobConfig, name: str, verify_images: bool, save_split: 
     return load_domain(name, domain_source(config, name), shots=xtail.shots, seed=xtail.split_seed,
                        templates=xtail.templates.get(name), split_dir=xtail.split_dir, cache_dir=xtail.cache_dir,
                        verify_images=verify_images, save_split=save_split)
+
+
+def _scale_problems(moram: dict[str, Any]) -> list[str]:
+    """X-TAIL's scale is 1 (alpha = r). The default alpha is the default r's; another r needs its alpha."""
+    r = moram.get("r", XTailBenchmark.moram_defaults["r"])
+    if "alpha" in moram or r == XTailBenchmark.moram_defaults["alpha"]:
+        return []
+    return [f"moram.alpha: X-TAIL trains at scale 1 (alpha = r, the official code's); moram.r is {r!r}, so set "
+            f"moram.alpha: {r!r} too (or another alpha, on purpose), got the default alpha "
+            f"{XTailBenchmark.moram_defaults['alpha']!r}"]
 
 
 def _check_config(config: JobConfig) -> None:
