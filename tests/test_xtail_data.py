@@ -1,6 +1,7 @@
 """X-TAIL domains: persisted few-shot splits, up-front validation, templates, s3 sources."""
 import json
 import re
+import shutil
 import uuid
 
 import pytest
@@ -24,7 +25,7 @@ def test_split_is_drawn_once_saved_and_reused(xtail_image_domains, tmp_path):
     assert sorted(record["classes"]) == [str(d) for d in range(10)]
     assert all(len(files) == 16 for files in record["classes"].values())
     assert len(first.train) == 160 and len(set(path for path, _ in first.train)) == 160
-    assert all(path.parent.name == first.classnames[label] for path, label in first.train)
+    assert all(path.parent.name == sorted(record["classes"])[label] for path, label in first.train)  # label = sorted folder
 
     # The rerun reads the file: edit it by hand and the edit is what gets trained on.
     record["classes"]["3"] = record["classes"]["3"][:1] * 16
@@ -105,7 +106,9 @@ def test_missing_split_folder_is_an_error(xtail_image_domains, tmp_path):
 def test_templates_and_prompt_names(xtail_image_domains, tmp_path):
     mnist = load_domain("MNIST", xtail_image_domains["MNIST"], split_dir=tmp_path)
     assert mnist.templates == XTAIL_TEMPLATES["MNIST"]
-    assert mnist.prompts()[7] == ['a photo of the number: "7".']
+    # the official prompt (XTAIL/scenario_datasets/collections.py): torchvision's class "7 - seven",
+    # wrapped as 'number: "{}"', in the template 'a photo of the number: "{}".'
+    assert mnist.prompts()[7] == ['a photo of the number: "number: "7 - seven"".']
 
     fashion = load_domain("Fashion-MNIST", xtail_image_domains["Fashion-MNIST"], split_dir=tmp_path)
     assert fashion.templates == (DEFAULT_TEMPLATE,)
@@ -122,6 +125,32 @@ def test_templates_and_prompt_names(xtail_image_domains, tmp_path):
     (root / "classnames.json").write_text(json.dumps({"7": "seven"}))
     with pytest.raises(DomainError, match=r"classnames.json: names class folders that do not exist: \['7'\]"):
         load_domain("digits", root)
+
+
+def test_official_prompts_of_eurosat_and_food(xtail_image_domains, tmp_path):
+    """The official code's prompts (XTAIL/scenario_datasets/eurosat.py, food101.py), written out by
+    hand: EuroSAT's CoOp class name + ' satellite location' in 'a centered satellite photo of the
+    {}.'; Food-101's folder name, underscores kept, in 'a photo of a {}, a type of food.'."""
+    source = xtail_image_domains["MNIST"]
+    eurosat, food = tmp_path / "EuroSAT", tmp_path / "Food"
+    for split in ("train", "test"):
+        for target, folder, digit in ((eurosat, "AnnualCrop", "0"), (eurosat, "SeaLake", "1"),
+                                      (food, "apple_pie", "0"), (food, "hot_and_sour_soup", "1")):
+            shutil.copytree(source / split / digit, target / split / folder)
+    assert load_domain("EuroSAT", eurosat, split_dir=tmp_path).prompts() == [
+        ["a centered satellite photo of the Annual Crop Land satellite location."],
+        ["a centered satellite photo of the Sea or Lake satellite location."]]
+    assert load_domain("Food", food, split_dir=tmp_path).prompts() == [
+        ["a photo of a apple_pie, a type of food."], ["a photo of a hot_and_sour_soup, a type of food."]]
+
+    # a folder the official map does not know is an error naming it, unless classnames.json names it
+    shutil.copytree(source / "train" / "2", eurosat / "train" / "Glacier")
+    shutil.copytree(source / "test" / "2", eurosat / "test" / "Glacier")
+    with pytest.raises(DomainError, match=r"domain EuroSAT .*class folders \['Glacier'\] are not in the official "
+                                          r"class-name map of EuroSAT"):
+        load_domain("EuroSAT", eurosat, split_dir=tmp_path / "other")
+    (eurosat / "classnames.json").write_text(json.dumps({"Glacier": "Glacier satellite location"}))
+    assert load_domain("EuroSAT", eurosat, split_dir=tmp_path / "other").classnames[1] == "Glacier satellite location"
 
 
 def test_s3_domain_is_mirrored_into_the_cache_and_loaded(xtail_image_domains, tmp_path, s3_server):

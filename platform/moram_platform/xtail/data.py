@@ -27,21 +27,14 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 DEFAULT_TEMPLATE = "a photo of a {}."
 
-# The X-TAIL order and each domain's prompt (CoOp's per-dataset templates; MNIST as in ZSCL).
+# The X-TAIL order; each domain's prompt template and class names as the official code has them
+# (official_domains.json, package data: one template per domain, a class-name map or "folder").
 XTAIL_DOMAINS = ("Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
                  "Cars", "SUN397")
-XTAIL_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Aircraft": ("a photo of a {}, a type of aircraft.",),
-    "Caltech101": ("a photo of a {}.",),
-    "DTD": ("{} texture.",),
-    "EuroSAT": ("a centered satellite photo of {}.",),
-    "Flowers": ("a photo of a {}, a type of flower.",),
-    "Food": ("a photo of {}, a type of food.",),
-    "MNIST": ('a photo of the number: "{}".',),
-    "OxfordPet": ("a photo of a {}, a type of pet.",),
-    "Cars": ("a photo of a {}.",),
-    "SUN397": ("a photo of a {}.",),
-}
+OFFICIAL_DOMAINS_FILE = Path(__file__).with_name("official_domains.json")
+_OFFICIAL: dict[str, dict] = json.loads(OFFICIAL_DOMAINS_FILE.read_text())["domains"]
+XTAIL_TEMPLATES: dict[str, tuple[str, ...]] = {name: (entry["template"],) for name, entry in _OFFICIAL.items()}
+XTAIL_CLASSNAMES: dict[str, dict[str, str] | str] = {name: entry["classnames"] for name, entry in _OFFICIAL.items()}
 
 
 class DomainError(ValueError):
@@ -119,7 +112,7 @@ def load_domain(name: str, source: str | os.PathLike, *, shots: int = 16, seed: 
         validate_images(path for path, _ in train + test)
     if drawn and save_split:
         _save_split(split_file, name, shots, seed, chosen)
-    return Domain(name=name, root=root, classnames=_prompt_names(root, folders),
+    return Domain(name=name, root=root, classnames=_prompt_names(name, root, folders),
                   templates=_check_templates(name, templates or XTAIL_TEMPLATES.get(name, (DEFAULT_TEMPLATE,))),
                   train=train, test=test, split_file=split_file)
 
@@ -165,16 +158,30 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _prompt_names(root: Path, folders: list[str]) -> tuple[str, ...]:
-    """Folder names with underscores as spaces, unless classnames.json names them."""
-    names = {folder: folder.replace("_", " ") for folder in folders}
+def _prompt_names(name: str, root: Path, folders: list[str]) -> tuple[str, ...]:
+    """The class names prompts are made of, by label. ``<root>/classnames.json`` names any folder;
+    the others take the official name of an X-TAIL domain (``XTAIL_CLASSNAMES``: a map, or the
+    folder's name verbatim), else the folder's name with underscores as spaces."""
     mapping_file = root / "classnames.json"
+    mapping = {}
     if mapping_file.is_file():
         mapping = json.loads(mapping_file.read_text())
         unknown = sorted(set(mapping) - set(folders))
         if unknown:
             raise DomainError(f"{mapping_file}: names class folders that do not exist: {unknown[:5]}")
-        names.update(mapping)
+    official = XTAIL_CLASSNAMES.get(name)
+    if official == "folder":
+        names = {folder: folder for folder in folders}
+    elif isinstance(official, dict):
+        unnamed = sorted(set(folders) - set(official) - set(mapping))
+        if unnamed:
+            raise DomainError(f"domain {name} ({root}): class folders {unnamed[:5]} are not in the official "
+                              f"class-name map of {name} ({OFFICIAL_DOMAINS_FILE.name}: {sorted(official)[:5]}...); "
+                              f"name the folders as docs/xtail.md says, or name them in {mapping_file}")
+        names = {folder: official.get(folder, folder) for folder in folders}
+    else:
+        names = {folder: folder.replace("_", " ") for folder in folders}
+    names.update(mapping)
     return tuple(names[folder] for folder in folders)
 
 
