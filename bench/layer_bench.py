@@ -149,19 +149,23 @@ def layer_section(device, dtype, tokens, repeats, dims, banks):
                     modules[path] = moram_layer(base, atoms) if path == "layer" else MoRAMPath(base, atoms, path)
                 except Exception as error:  # noqa: BLE001 - a bench row, not a test
                     print(f"({path} skipped: {type(error).__name__}: {error})")
-            t = interleaved_medians({name: module_timings(m, x, grad_out) for name, m in modules.items()}, device, repeats)
+            timings = {name: module_timings(m, x, grad_out) for name, m in modules.items()}
+            t = interleaved_medians(timings, device, repeats)
             for path in [p for p in paths if p in modules]:
                 print(f"{d:>5} {atoms:>4} {path:>6} | {t[path, 'f'] / t['base', 'f']:>9.2f} "
                       f"{t[path, 'f'] / t['lora', 'f']:>10.2f} | {t[path, 'fb'] / t['base', 'fb']:>9.2f} "
-                      f"{t[path, 'fb'] / t['lora', 'fb']:>10.2f} | {t[path, 'f'] * 1e3:>7.1f} {t[path, 'fb'] * 1e3:>7.1f}")
-            print(f"{d:>5} {atoms:>4} {'(base':>6} | fwd {t['base', 'f'] * 1e3:.1f} ms, f+b {t['base', 'fb'] * 1e3:.1f} ms; "
+                      f"{t[path, 'fb'] / t['lora', 'fb']:>10.2f} | "
+                      f"{t[path, 'f'] * 1e3:>7.1f} {t[path, 'fb'] * 1e3:>7.1f}")
+            print(f"{d:>5} {atoms:>4} {'(base':>6} | fwd {t['base', 'f'] * 1e3:.1f} ms, "
+                  f"f+b {t['base', 'fb'] * 1e3:.1f} ms; "
                   f"LoRA16 fwd {t['lora', 'f'] * 1e3:.1f} ms, f+b {t['lora', 'fb'] * 1e3:.1f} ms)")
 
 
 def value_section(device, dtype, tokens, repeats, dims, banks):
     print(f"\n## value: Δy from {K} kept atoms per token, the last {TRAINABLE} atoms trainable; sparse "
-          f"(embedding_bag over the frozen rows + dense trainable block) / dense (scatter + GEMM over the "
-          f"whole bank); device={device.type} dtype={str(dtype).split('.')[-1]} tokens={tokens} (< 1: sparse wins)")
+          f"(embedding_bag over the frozen rows + dense trainable block) / dense (cat of the bank, as the "
+          f"layer does, scatter + GEMM); device={device.type} dtype={str(dtype).split('.')[-1]} "
+          f"tokens={tokens} (< 1: sparse wins)")
     print(f"{'d':>5} {'R':>4} | {'fwd':>6} {'f+b':>6} | {'dense fwd ms':>12} {'f+b ms':>7}")
     for d in dims:
         for atoms in banks:
@@ -184,7 +188,8 @@ def value_section(device, dtype, tokens, repeats, dims, banks):
 
                 candidates[name] = {"f": forward, "fb": lambda fn=fn: fn().backward(grad_out)}
             t = interleaved_medians(candidates, device, repeats)
-            print(f"{d:>5} {atoms:>4} | {t['sparse', 'f'] / t['dense', 'f']:>6.2f} {t['sparse', 'fb'] / t['dense', 'fb']:>6.2f} | "
+            print(f"{d:>5} {atoms:>4} | {t['sparse', 'f'] / t['dense', 'f']:>6.2f} "
+                  f"{t['sparse', 'fb'] / t['dense', 'fb']:>6.2f} | "
                   f"{t['dense', 'f'] * 1e3:>12.2f} {t['dense', 'fb'] * 1e3:>7.2f}")
 
 

@@ -174,7 +174,8 @@ COMPILE_FOR_H100_CLASS = textwrap.dedent("""
                  "n_tokens": "i32", "n_atoms": "i32", "k_eff": "i32", "inv_tau": "fp32", "delta": "fp32",
                  "eps": "fp32", **{name: "constexpr" for name in
                  ("HAS_DELTA", "BACKWARD", "COMPACT", "WRITE_W", "BLOCK_T", "BLOCK_R")}}
-    for has_delta, backward, compact, write_w in [(1, 0, 0, 1), (1, 0, 1, 0), (0, 0, 1, 1), (0, 1, 0, 0), (1, 1, 0, 0)]:
+    variants = [(1, 0, 0, 1), (1, 0, 1, 0), (0, 0, 1, 1), (0, 1, 0, 0), (1, 1, 0, 0)]
+    for has_delta, backward, compact, write_w in variants:
         modes = dict(HAS_DELTA=bool(has_delta), BACKWARD=bool(backward), COMPACT=bool(compact),
                      WRITE_W=bool(write_w), BLOCK_T=16, BLOCK_R=256)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=modes), target=GPUTarget("cuda", 90, 32))

@@ -3,9 +3,9 @@
 - fused_route_mix(h, k, tau, delta, eps) -> w ⊙ h [..., R]: routing (Eqs. 5-8) and the mix in
   one Triton kernel on CUDA; plain PyTorch (moram.functional.route) elsewhere.
 - fused_route_topk(h, k, tau, delta, eps) -> (coef [..., k_eff], idx [..., k_eff]): the same,
-  keeping only the atoms each token selected.
-- sparse_value(coef, idx, B) -> Δy [..., d_out]: B · (w ⊙ h) from the selected atoms only,
-  dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms.
+  keeping only the atoms each token selected (return_weights=True adds the kept w).
+- sparse_value(coef, idx, B, current_B=None) -> Δy [..., d_out]: [B | current_B] · (w ⊙ h) from
+  the selected atoms only, dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms.
 See docs/performance.md.
 """
 from .routing import BACKENDS, fused_route_mix, fused_route_topk, route_topk_reference
