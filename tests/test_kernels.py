@@ -1,24 +1,41 @@
 """The fast paths of moram.kernels against the specification, moram.functional.
 
 The Triton kernel runs here on CPU tensors under Triton's interpreter, which Triton fixes when
-it is first imported: TRITON_INTERPRET=1 is set below before anything imports triton (moram
-imports it lazily, on the first kernel launch). Sizes stay small: the interpreter is slow.
+it is first imported: triton is imported below with TRITON_INTERPRET=1 (moram itself imports it
+lazily, on the first kernel launch), and the variable is restored afterwards so that nothing else
+in the session, nor any process it starts, inherits it. Sizes stay small: the interpreter is slow.
 """
 import os
 import subprocess
 import sys
 import textwrap
 
-os.environ["TRITON_INTERPRET"] = "1"  # noqa: E402 - must precede the first import of triton
-
 import pytest
 import torch
 
 from moram import functional as MF
 from moram.kernels import (
-    dense_value, fused_route_mix, fused_route_topk, route_topk_reference, sparse_value, triton_available,
+    dense_value, fused_route_mix, fused_route_topk, route_topk_reference, routing_triton, sparse_value,
+    triton_available,
 )
 from test_functional import TAU, W_EVAL, W_TRAIN, X
+
+
+def import_triton_as_interpreter():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.experimental.gluon.language  # noqa: F401 - it asserts the mode when imported
+        routing_triton._kernel()                   # decorate the kernel in that mode
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+if triton_available():
+    import_triton_as_interpreter()
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
