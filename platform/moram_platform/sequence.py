@@ -26,7 +26,7 @@ from moram import MoRAMConfig
 from .benchmark import Benchmark, get_benchmark
 from .config import ConfigError, JobConfig
 from .plots import accuracy_heatmap, activation_heatmap
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, RunLease
 from .registry.evaluations import read_evaluation, record_evaluation
 from .tracking import Tracker, matrix_csv
 
@@ -114,6 +114,12 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
     run_id = config.run.name or default_run_id(config)
     registry = Registry(config.registry_uri())
     _check_resumable(registry, run_id, config)
+    with RunLease.acquire(registry.storage, run_id):   # one driver per run: a second one stops here
+        return _drive(config, benchmark, run_id, registry, stop_after, parent_mlflow_run, on_task_done, progress)
+
+
+def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Registry, stop_after: int | None,
+           parent_mlflow_run: str | None, on_task_done, progress: bool) -> SequenceResult:
     model_ref = benchmark.model_ref(config)
 
     start_ray()

@@ -40,3 +40,11 @@ class CommitError(RegistryError):
 
 class CommitConflictError(CommitError):
     """The task is already committed with different content; versions are immutable."""
+
+
+class LeaseHeldError(RegistryError, ValueError):
+    """Another driver holds the run's lease: two drivers must not work on one run at once."""
+
+
+class LeaseLostError(RegistryError):
+    """This driver's lease expired and another driver took the run over."""
