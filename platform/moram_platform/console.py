@@ -109,6 +109,8 @@ class JobConsole:
 
         def handle(data: dict) -> None:
             lines = data.get("lines", [])
+            if data.get("pid") == "autoscaler":  # its periodic status report: events only, as Ray does
+                lines = [line for line in lines if ":event_summary:" in line or "Warning" in line or "Error" in line]
             shown = [line for line in lines if RAY_TQDM_MAGIC in line or _ALARM.search(line)]
             quiet = [line for line in lines if RAY_TQDM_MAGIC not in line]
             if quiet:
