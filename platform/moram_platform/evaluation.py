@@ -11,6 +11,7 @@ import torch
 
 from .benchmark import Benchmark, get_benchmark
 from .config import JobConfig
+from .routing_diagnostics import evaluate_with_routing, task_blocks
 from .training import build_moram_model, seed_everything
 
 
@@ -26,7 +27,11 @@ def evaluate_shards(config: JobConfig, benchmark: Benchmark, shards: list[bytes]
     if delta is not None:
         model.set_routing(delta=delta)
     model.eval()
-    return {task: benchmark.evaluate(config, model, processor, task, progress=progress) for task in tasks}
+    # Diagnostics hook: where the model routes routing weights, each task's record also gets
+    # the share of routing mass on every task's atoms (routing_diagnostics.py).
+    return evaluate_with_routing(model, task_blocks(shards, prune_mass), tasks=tasks,
+                                 evaluate_task=lambda task: benchmark.evaluate(config, model, processor, task,
+                                                                               progress=progress))
 
 
 def evaluate_version_task(config_dict: dict, registry_uri: str, run_id: str, version: int | None,

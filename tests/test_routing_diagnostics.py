@@ -1,0 +1,107 @@
+"""Who routes to whom, by hand on a tiny model whose atoms we set ourselves.
+
+Two tasks, two atoms each, on one 4 -> 4 linear layer. Task 0's keys are e0 (both atoms),
+task 1's keys are e1, and task i's inputs are e_i. For an input e0 the key responses are
+h = (1, 1, 0, 0); normalised s = (0.707, 0.707, 0, 0); with k = 4 nothing is masked and
+w = softmax(s / 0.03) puts 2 / (2 + 2 exp(-23.6)) = 1 - 6e-11 of the mass on task 0's atoms:
+the matrix is the identity to 1e-9, because each task's keys respond only to its own inputs.
+An input (e0 + e1) / sqrt(2) answers both tasks' keys equally: half the mass on each.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moram import MoRAMConfig, get_moram_model
+from moram_platform.routing_diagnostics import (
+    evaluate_with_routing, layer_group, own_shares, routes, routing_matrix, routing_row, task_blocks,
+)
+
+
+class OneLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def hand_set_model(method: str = "moram"):
+    """Task i's two atoms have key e_i (value: anything non-zero)."""
+    config = MoRAMConfig(method=method, target_modules=["proj"], r=2, k=4, tau=0.03, delta=0.0, dropout=0.0,
+                         prune_mass=None)
+    model = get_moram_model(OneLayer(), config)
+    layer = model.moram_layers["proj"]
+    shards = []
+    for task in range(2):
+        model.begin_task(f"t{task}")
+        with torch.no_grad():
+            layer.A.copy_(torch.zeros(2, 4))
+            layer.A[:, task] = 1.0
+            layer.B.copy_(torch.ones(4, 2))
+        layer.current_trained = True        # as after a training step: the block routes
+        model.end_task(prune=False)
+        shards.append(model.export_shard())
+    model.load_shards(shards)               # the bank as an evaluation loads it
+    model.eval()
+    return model, shards
+
+
+def inputs_of(direction: torch.Tensor) -> torch.Tensor:
+    return direction.expand(3, 5, 4).clone()     # a batch of 3 sequences, 5 tokens each
+
+
+E0, E1 = torch.eye(4)[0], torch.eye(4)[1]
+
+
+def test_disjoint_keys_route_each_task_to_its_own_atoms():
+    model, shards = hand_set_model()
+    blocks = task_blocks(shards)
+    assert blocks == {"proj": [2, 2]}
+    task_inputs = {"t0": inputs_of(E0), "t1": inputs_of(E1)}
+
+    def evaluate(task):
+        model(task_inputs[task])
+        return {"task": task, "score": 0.0}
+
+    scores = evaluate_with_routing(model, blocks, evaluate, ["t0", "t1"])
+    matrix = routing_matrix(scores, ["t0", "t1"])
+    leak = 2 * math.exp(-(1 / math.sqrt(2)) / 0.03) / (2 + 2 * math.exp(-(1 / math.sqrt(2)) / 0.03))
+    assert matrix[0] == pytest.approx([1 - leak, leak], abs=1e-9)
+    assert matrix[1] == pytest.approx([leak, 1 - leak], abs=1e-9)
+    assert own_shares(matrix, 2) == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert scores["t0"]["routing"]["proj"] == scores["t0"]["routing"]["all"]   # one layer: one group
+    assert model.activation_stats()["proj"].numel() == 0                       # statistics left clean
+
+
+def test_an_input_both_keys_answer_splits_the_mass_evenly():
+    model, shards = hand_set_model()
+    mixed = inputs_of((E0 + E1) / math.sqrt(2))
+
+    def evaluate(task):
+        model(mixed)
+        return {"score": 0.0}
+
+    scores = evaluate_with_routing(model, task_blocks(shards), evaluate, ["t0"])
+    assert scores["t0"]["routing"]["all"] == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_lora_baselines_have_no_routing_weights():
+    model, shards = hand_set_model("inclora")
+    assert not routes(model.method)
+    scores = evaluate_with_routing(model, task_blocks(shards), lambda task: {"score": 1.0}, ["t0"])
+    assert scores == {"t0": {"score": 1.0}}
+    assert routes(get_moram_model(OneLayer(), MoRAMConfig(method="moelora", target_modules=["proj"])).method)
+
+
+def test_routing_row_sums_mass_per_task_block_per_layer_group():
+    # q_proj: atoms (1, 2 | 3) -> task 0 gets 3, task 1 gets 3; v_proj: (4 | 0) -> 4 and 0.
+    mass = {"layers.0.q_proj": torch.tensor([1.0, 2.0, 3.0]), "layers.0.v_proj": torch.tensor([4.0, 0.0])}
+    blocks = {"layers.0.q_proj": [2, 1], "layers.0.v_proj": [1, 1]}
+    row = routing_row(mass, blocks)
+    assert row["q_proj"] == pytest.approx([0.5, 0.5])
+    assert row["v_proj"] == pytest.approx([1.0, 0.0])
+    assert row["all"] == pytest.approx([0.7, 0.3])          # (3 + 4) / 10, (3 + 0) / 10
+    assert layer_group("model.layers.3.self_attn.q_proj") == "q_proj"
