@@ -470,19 +470,12 @@ def _type_name(annotation: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Job config tools.")
-    parser.add_argument("--print-reference", action="store_true", help="print docs/config.md (the key reference)")
-    parser.add_argument("--check", metavar="CONFIG", help="validate a job config file")
+    parser = argparse.ArgumentParser(description="Print the job-config key reference (docs/config.md). To check "
+                                                 "a config: moram config validate FILE.")
+    parser.add_argument("--print-reference", action="store_true", help="print docs/config.md")
     args = parser.parse_args(argv)
     if args.print_reference:
         sys.stdout.write(reference())
-    if args.check:
-        try:
-            load_config(args.check)
-        except ConfigError as error:
-            print(f"config error: {error}", file=sys.stderr)
-            return 2
-        print(f"{args.check}: valid")
     return 0
 
 
