@@ -49,12 +49,14 @@ def load(args) -> "JobConfig":  # noqa: F821
 def run(config, args) -> int:
     from moram_platform.benchmark import get_benchmark
     from moram_platform.console import JobConsole, default_level
+    from moram_platform.registry.lease import refuse_if_busy
     from moram_platform.sequence import default_run_id, run_sequence
 
     try:
         level = args.log_level or default_level()
         config.run.name = config.run.name or default_run_id(config)   # names the log file too
         get_benchmark(config.benchmark).validate(config.with_absolute_paths())  # bad input: before Ray starts
+        refuse_if_busy(config.with_absolute_paths().registry_uri(), config.run.name)  # another driver's run: too
     except (ValueError, LookupError, FileNotFoundError) as error:
         # Bad input is a clear one-line message, not a traceback.
         print(f"error: {error}", file=sys.stderr)

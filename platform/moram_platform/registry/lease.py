@@ -120,17 +120,11 @@ class RunLease:
     def acquire(cls, storage: Storage, run_id: str, ttl: float | None = None) -> "RunLease":
         """Take the run, or raise LeaseHeldError naming the holder if another driver has it."""
         ttl = default_ttl() if ttl is None else ttl
-        latest = latest_lease(storage, run_id)
-        now = time.time()
-        if latest is not None:
-            number, holder = latest
-            if not holder.is_free(now):
-                raise LeaseHeldError(
-                    f"run {run_id} is in use by another driver ({holder.describe(now)}; lease "
-                    f"{storage.where(lease_key(run_id, number))}); wait for it to finish, or use another run name")
-            if not holder.released:
-                log.warning("run %s: taking over the lease of pid %d on %s (%s)", run_id, holder.pid, holder.host,
-                            "its process is gone" if holder.is_orphaned() else "expired")
+        latest = check_free(storage, run_id)
+        if latest is not None and not latest[1].released:
+            holder = latest[1]
+            log.warning("run %s: taking over the lease of pid %d on %s (%s)", run_id, holder.pid, holder.host,
+                        "its process is gone" if holder.is_orphaned() else "expired")
         number = latest[0] + 1 if latest is not None else 1
         holder = Holder.this_process(ttl)
         if not storage.create(lease_key(run_id, number), _encode(holder)):
@@ -181,6 +175,30 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_free(storage: Storage, run_id: str) -> tuple[int, Holder] | None:
+    """LeaseHeldError if another driver holds the run now; else the run's newest lease record.
+    A probe only (a job calls it before starting Ray): ``RunLease.acquire`` is what takes the run."""
+    latest = latest_lease(storage, run_id)
+    now = time.time()
+    if latest is not None and not latest[1].is_free(now):
+        number, holder = latest
+        raise LeaseHeldError(
+            f"run {run_id} is in use by another driver ({holder.describe(now)}; lease "
+            f"{storage.where(lease_key(run_id, number))}); wait for it to finish, or use another run name")
+    return latest
+
+
+def refuse_if_busy(uri: str, run_id: str) -> None:
+    """``check_free`` on a registry URI, for a job's early checks; a storage failure is left for
+    the job's real acquisition to report."""
+    from .storage import open_storage
+
+    try:
+        check_free(open_storage(uri), run_id)
+    except StorageError:
+        pass
 
 
 def latest_lease(storage: Storage, run_id: str) -> tuple[int, Holder] | None:
