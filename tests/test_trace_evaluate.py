@@ -77,7 +77,7 @@ def test_evaluate_task_records_the_profile_and_pads_left(tiny_llama, smollm2_tok
 
 
 def test_profiles_are_the_official_protocols():
-    assert list(PROFILES) == ["moram-repo", "trace", "lenient"]
+    assert list(PROFILES) == ["moram-repo", "trace", "lenient", "olora"]
     # MoRAM TRACE/inference/infer_part.py l. 303-315: greedy, repetition penalty 1.2, no
     # repeated 3-gram (temperature is passed but unused without sampling; one sequence).
     moram_repo = get_profile("moram-repo")
@@ -92,10 +92,13 @@ def test_profiles_are_the_official_protocols():
     assert get_profile("lenient").generation == moram_repo.generation and get_profile("lenient").scoring == "lenient"
     # Both runner scripts: --max_ans_len 512 (MoRAM runner_moram.sh l. 71, TRACE scripts/infer_seq.sh).
     assert MAX_NEW_TOKENS == 512
+    # O-LoRA src/run_uie_lora.py:168-180, 554-568: greedy, one beam, repetition penalty 1.0.
+    assert get_profile("olora").generation == {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
+    assert get_profile("olora").scoring == "olora"
     with pytest.raises(ValueError, match="unknown evaluation profile 'reference'; choose one of moram-repo, trace, "
-                                         "lenient"):
+                                         "lenient, olora"):
         get_profile("reference")
-    with pytest.raises(ValueError, match="scoring must be one of moram-repo, trace, lenient, got 'fuzzy'"):
+    with pytest.raises(ValueError, match="scoring must be one of moram-repo, trace, lenient, olora, got 'fuzzy'"):
         EvaluationProfile("x", {}, "fuzzy", "")
 
 

@@ -42,7 +42,7 @@ def test_task_metric_table_matches_both_codes():
         "ScienceQA": "accuracy", "NumGLUE-cm": "accuracy", "NumGLUE-ds": "accuracy", "20Minuten": "sari",
     }
     assert all(TASK_METRIC[task] == "accuracy" for task in STANDARD_CL_TASKS)
-    assert SCORINGS == ("moram-repo", "trace", "lenient")
+    assert SCORINGS == ("moram-repo", "trace", "lenient", "olora")
 
 
 # -- SARI ----------------------------------------------------------------------------------------
@@ -337,3 +337,21 @@ def test_accuracy_counts_empty_predictions_as_wrong():
 def test_metric_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -- "olora": O-LoRA's standard-CL exact match (cmnfriend/O-LoRA src/compute_metrics.py) -------------
+def test_olora_exact_match_normalises_case_punctuation_and_spaces_only():
+    from moram_platform.trace.task_metrics import olora_exact_match, olora_normalize
+
+    # compute_metrics.py:45: white_space_fix(remove_punc(lower(s))); no article removal (l. 31).
+    assert olora_normalize("  The  Positive.\n") == "the positive"
+    assert olora_normalize("Mean of Transportation!") == "mean of transportation"
+    # l. 48-49 equality of the normalised strings; l. 92: 100 * hits / n.
+    # "Positive." == "positive" (hit), "positive review" != "positive", "" != "negative",
+    # "the Business" != "Business" (the article stays): 1 of 4.
+    predictions = ["Positive.", "positive review", "", "the Business"]
+    references = ["positive", "positive", "negative", "Business"]
+    assert olora_exact_match(predictions, references) == pytest.approx(25.0)
+    assert score_task("amazon", predictions, references, scoring="olora") == pytest.approx(25.0)
+    # the other rules differ on the same answers: the trace rules compare raw text (0 hits)
+    assert score_task("amazon", predictions, references, scoring="trace") == pytest.approx(0.0)

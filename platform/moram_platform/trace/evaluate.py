@@ -65,6 +65,14 @@ PROFILES: dict[str, EvaluationProfile] = {
         scoring="lenient",
         description="moram-repo decoding, cleaned scoring: the answer found inside a chattier generation",
     ),
+    # O-LoRA (cmnfriend/O-LoRA) src/run_uie_lora.py:168-180, 554-568: greedy, one beam, repetition
+    # penalty 1.0; its scripts generate 50 new tokens (--generation_max_length 50: eval.max_new_tokens).
+    "olora": EvaluationProfile(
+        name="olora",
+        generation={"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0},
+        scoring="olora",
+        description="O-LoRA's standard-CL protocol: greedy decoding, exact match after its normalisation",
+    ),
 }
 
 

@@ -4,7 +4,9 @@
   TRACE/inference/infer_multi_command.py, TRACE/metrics.py, TRACE/evaluations/*.py), its quirks
   included and named below;
 - ``"trace"``: as TRACE's original code scores (``BeyonderXX/TRACE``: metrics.py, evaluations/);
-- ``"lenient"``: a cleaned reading that finds the answer inside a chattier generation.
+- ``"lenient"``: a cleaned reading that finds the answer inside a chattier generation;
+- ``"olora"``: O-LoRA's standard-CL scoring (``cmnfriend/O-LoRA``: src/compute_metrics.py),
+  exact match after its normalisation (``olora_exact_match``).
 
 Metrics: accuracy (C-STANCE, FOMC, ScienceQA, NumGLUE-cm/ds and the standard-CL tasks),
 ROUGE-L (MeetingBank; the ``rouge`` package's summary-level "f", as both codes call it),
@@ -15,6 +17,7 @@ empty prediction scores 0 and still counts in the mean.
 from __future__ import annotations
 
 import re
+import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
@@ -25,11 +28,11 @@ __all__ = [
     "ANSWER_EXTRACTORS", "LENIENT_EXTRACTION", "MORAM_REPO_CHOICE_LABELS", "SCORINGS", "TASK_METRIC",
     "accuracy", "edit_similarity", "exact_accuracy", "extract_choice_letter", "extract_cstance_choice",
     "extract_exact", "extract_first_char", "extract_first_line", "extract_fomc_choice", "extract_number",
-    "lenient_extractor", "moram_repo_choice", "moram_repo_postprocess", "prefix_accuracy",
+    "lenient_extractor", "moram_repo_choice", "olora_exact_match", "olora_normalize", "moram_repo_postprocess", "prefix_accuracy",
     "restore_py150_literals", "rouge_l", "sari", "science_qa_answer", "score_task", "tokenize_13a",
 ]
 
-SCORINGS = ("moram-repo", "trace", "lenient")
+SCORINGS = ("moram-repo", "trace", "lenient", "olora")
 
 TASK_METRIC = {
     "C-STANCE": "accuracy",
@@ -241,10 +244,29 @@ def accuracy(predictions: Sequence[str], references: Sequence[str],
     return 100.0 * hits / len(predictions)
 
 
+# -- "olora": O-LoRA's standard-CL exact match -----------------------------------------------------
+def olora_normalize(text: str) -> str:
+    """O-LoRA src/compute_metrics.py:32-45 (normalize_answer): lower-case, drop every
+    ``string.punctuation`` character, collapse whitespace; SQuAD's rule without removing articles."""
+    text = str(text).lower()
+    text = "".join(char for char in text if char not in set(string.punctuation))
+    return " ".join(text.split())
+
+
+def olora_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """O-LoRA compute_metrics.py:48-49 and 78-92: the share of predictions whose normalised text
+    equals the normalised reference, x 100 (one reference each; "Positive." matches "positive",
+    "positive review" does not)."""
+    _check_lengths(predictions, references)
+    hits = sum(olora_normalize(p) == olora_normalize(r) for p, r in zip(predictions, references))
+    return 100.0 * hits / len(predictions)
+
+
 _ACCURACY_RULES: dict[str, Callable[[str, Sequence[str], Sequence[str]], float]] = {
     "moram-repo": _moram_repo_accuracy,
     "trace": _trace_accuracy,
     "lenient": lambda task, predictions, references: accuracy(predictions, references, lenient_extractor(task)),
+    "olora": lambda task, predictions, references: olora_exact_match(predictions, references),
 }
 
 
