@@ -157,6 +157,7 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
     # this venv has it installed in editable mode, which must lose to the shipped copies).
     out = submit(stack, "python", "-c", IMPORT_PROBE, runtime_env=True)
     paths = json.loads(next(line for line in out.splitlines() if line.startswith("import-paths:")).split(":", 1)[1])
+    print("import paths with infra/runtime_env.yaml:", json.dumps(paths, indent=1))
     shipped = (stack.ray_temp_dir / "session_latest").resolve() / "runtime_resources"
     for where, modules in paths.items():
         assert Path(modules["moram"]).resolve().is_relative_to(shipped / "working_dir_files"), (where, modules)
