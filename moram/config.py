@@ -52,6 +52,8 @@ class MoRAMConfig(pydantic.BaseModel):
         "baked", description="baked: alpha/r is baked into B at freeze; official: B is frozen unscaled as in the official code (frozen atoms weigh r/alpha as much).")
     route_untrained: bool = Field(
         False, description="Route a task's fresh, never-trained block from the start, as the official code does.")
+    fast_path: Literal["auto", "off"] = Field(
+        "auto", description="auto: the measured fast layer (frozen bank and trainable block apart, no weight concatenation; MoRAM routes in compact form, Triton on CUDA, and reads only the kept values once R >= 8 k_eff); off: the equations as written (docs/performance.md).")
     olora_lambda1: float = Field(0.5, description="O-LoRA: weight of the L1 orthogonality loss |A_old · A_newᵀ| (official default 0.5).")
     olora_lambda2: float = Field(0.0, description="O-LoRA: weight of the L2 norm of the new adapter's A and B (official default 0).")
 
@@ -123,6 +125,13 @@ class MoRAMConfig(pydantic.BaseModel):
     def _frozen_scale(cls, value: Any) -> str:
         if value not in ("baked", "official"):
             raise ValueError("must be 'baked' or 'official'")
+        return value
+
+    @field_validator("fast_path", mode="before")
+    @classmethod
+    def _fast_path(cls, value: Any) -> str:
+        if value not in ("auto", "off"):
+            raise ValueError("must be 'auto' or 'off'")
         return value
 
     @field_validator("target_modules", mode="before")

@@ -5,6 +5,15 @@ and the current task's trainable block (parameters, scaled by alpha/r while it t
 Routing (Eqs. 5-8) always runs over old and new atoms together; the baselines reuse the
 same bank with other mixture weights, so every method runs on one code path. What differs
 between methods lives in a strategy object (``moram.methods``), never in this class.
+
+Layout (docs/performance.md): the frozen atoms live in one contiguous bank whose capacity
+doubles when a task's atoms do not fit: keys as rows [capacity, d_in], values as rows
+[capacity, d_out] (scale baked in); ``frozen_A``/``frozen_B`` are views of the filled part.
+With ``fast_path="auto"`` the forward never concatenates weight matrices: the keys and the
+values of the frozen bank and of the trainable block are applied apart, MoRAM routes in compact
+form (``moram.kernels.fused_route_topk``: the Triton kernel on CUDA) and the value projection
+reads only the kept atoms once the bank is large (``moram.kernels.sparse_value``).
+``fast_path="off"`` is the equations as written (concatenated bank, dense route and value).
 """
 from __future__ import annotations
 
@@ -16,8 +25,9 @@ import torch
 from torch import nn
 
 from . import functional as MF
+from . import kernels
 from .config import MoRAMConfig
-from .methods import method_for
+from .methods import MoRAM, method_for
 
 
 @dataclass
@@ -57,8 +67,14 @@ class MoRAMLayer(nn.Module):
 
         dtype = self._atom_dtype()
         device = base.weight.device
-        self.register_buffer("frozen_A", torch.zeros(0, self.in_features, dtype=dtype, device=device))
-        self.register_buffer("frozen_B", torch.zeros(self.out_features, 0, dtype=dtype, device=device))
+        # The frozen bank: rows [capacity, d_in] / [capacity, d_out], the first num_frozen filled.
+        # Not persistent as such: state_dict stores only the filled part, as frozen_A [R, d_in]
+        # and frozen_B [d_out, R] (_save_to_state_dict / _load_from_state_dict below).
+        self.register_buffer("bank_keys", torch.zeros(0, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("bank_values", torch.zeros(0, self.out_features, dtype=dtype, device=device),
+                             persistent=False)
+        self._num_frozen = 0
         # MoE-LoRA: one gate key per frozen expert, and each frozen atom's expert index.
         self.register_buffer("frozen_router", torch.zeros(0, self.in_features, dtype=dtype, device=device))
         self.register_buffer("frozen_expert", torch.zeros(0, dtype=torch.long, device=device))
@@ -92,7 +108,26 @@ class MoRAMLayer(nn.Module):
 
     @property
     def num_frozen(self) -> int:
-        return self.frozen_A.shape[0]
+        return self._num_frozen
+
+    @property
+    def frozen_A(self) -> torch.Tensor:
+        """The frozen keys [R, d_in] (a view of the bank)."""
+        return self.bank_keys[: self._num_frozen]
+
+    @property
+    def frozen_B(self) -> torch.Tensor:
+        """The frozen values [d_out, R], scale baked in (a view of the bank's rows, transposed)."""
+        return self.bank_values[: self._num_frozen].t()
+
+    @property
+    def frozen_values(self) -> torch.Tensor:
+        """The frozen values as rows [R, d_out] (contiguous): what the value projection reads."""
+        return self.bank_values[: self._num_frozen]
+
+    @property
+    def fast(self) -> bool:
+        return self.config.fast_path == "auto"
 
     @property
     def num_current(self) -> int:
@@ -136,9 +171,9 @@ class MoRAMLayer(nn.Module):
         """Turn the whole frozen bank back into the trainable block (SeqLoRA)."""
         self.A = nn.Parameter(self.frozen_A.clone())
         baked = self.frozen_scale_factor
-        self.B = nn.Parameter(self.frozen_B / baked if baked is not None else self.frozen_B.clone())
-        self.frozen_A = self.frozen_A[:0].clone()
-        self.frozen_B = self.frozen_B[:, :0].clone()
+        B = self.frozen_B / baked if baked is not None else self.frozen_B
+        self.B = nn.Parameter(B.clone(memory_format=torch.contiguous_format))
+        self._num_frozen = 0
         self.current_trained = True  # it has trained already: it keeps routing
 
     def _init_seed(self, task_index: int) -> int:
@@ -187,19 +222,31 @@ class MoRAMLayer(nn.Module):
 
     @torch.no_grad()
     def append_frozen(self, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor | None = None) -> None:
-        dtype, device = self.frozen_A.dtype, self.frozen_A.device
-        self.frozen_A = torch.cat([self.frozen_A, A.to(device=device, dtype=dtype)])
-        self.frozen_B = torch.cat([self.frozen_B, B.to(device=device, dtype=dtype)], dim=1)
+        dtype, device = self.bank_keys.dtype, self.bank_keys.device
+        start, end = self._num_frozen, self._num_frozen + A.shape[0]
+        if end > self.bank_keys.shape[0]:
+            self._grow_bank(end)
+        self.bank_keys[start:end] = A.to(device=device, dtype=dtype)
+        self.bank_values[start:end] = B.t().to(device=device, dtype=dtype)
+        self._num_frozen = end
         if router is not None:
             expert = self.frozen_router.shape[0]
             self.frozen_router = torch.cat([self.frozen_router, router.to(device=device, dtype=dtype)])
             tags = torch.full((A.shape[0],), expert, dtype=torch.long, device=device)
             self.frozen_expert = torch.cat([self.frozen_expert, tags])
 
+    def _grow_bank(self, needed: int) -> None:
+        """At least double the capacity (amortised O(1) appends), keeping the filled rows."""
+        capacity = max(needed, 2 * self.bank_keys.shape[0])
+        for name in ("bank_keys", "bank_values"):
+            old = getattr(self, name)
+            grown = old.new_zeros(capacity, old.shape[1])
+            grown[: self._num_frozen] = old[: self._num_frozen]
+            setattr(self, name, grown)
+
     @torch.no_grad()
     def clear_frozen(self) -> None:
-        self.frozen_A = self.frozen_A[:0].clone()
-        self.frozen_B = self.frozen_B[:, :0].clone()
+        self._num_frozen = 0
         self.frozen_router = self.frozen_router[:0].clone()
         self.frozen_expert = self.frozen_expert[:0].clone()
 
@@ -211,12 +258,23 @@ class MoRAMLayer(nn.Module):
         mask = self.token_mask
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
             mask = None  # a layer that does not see [batch, seq] tokens
-        mass = MF.activation_mass(w, mask).cpu()
+        self._add_mass(MF.activation_mass(w, mask).cpu())
+
+    def _add_mass(self, mass: torch.Tensor) -> None:
         if self.activation_mass.numel() < mass.numel():  # the current block joined routing
             grown = torch.zeros(mass.numel())
             grown[: self.activation_mass.numel()] = self.activation_mass
             self.activation_mass = grown
         self.activation_mass[: mass.numel()] += mass
+
+    def _accumulate_kept(self, idx: torch.Tensor, w_kept: torch.Tensor, n_atoms: int, x: torch.Tensor) -> None:
+        """The activation mass from the compact routing: each kept weight added to its atom."""
+        mask = self.token_mask
+        w_kept = w_kept.detach().float()
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+            w_kept = w_kept * mask.to(w_kept.dtype).unsqueeze(-1)
+        mass = w_kept.new_zeros(n_atoms).index_add_(0, idx.reshape(-1), w_kept.reshape(-1)).cpu()
+        self._add_mass(mass)
 
     # -- the open task's state (checkpoints inside a task) ---------------------------------
     def open_state(self) -> dict[str, torch.Tensor]:
@@ -235,14 +293,40 @@ class MoRAMLayer(nn.Module):
         self.activation_mass = state["activation_mass"].clone() if with_stats else torch.zeros(0)
         self.current_trained = True
 
+    # -- state_dict: only the filled part of the bank, under the historic names -------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "frozen_A"] = self.frozen_A.clone()
+        destination[prefix + "frozen_B"] = self.frozen_B.contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        keys = [prefix + "frozen_A", prefix + "frozen_B"]
+        for key in keys:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+        if all(key in state_dict for key in keys):
+            with torch.no_grad():
+                self._num_frozen = 0
+                self.append_frozen(state_dict[keys[0]], state_dict[keys[1]])
+        elif strict:
+            missing_keys.extend(key for key in keys if key not in state_dict)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         current = self.current_routes
-        if self.training and current and torch.is_grad_enabled():
+        if self.training and current and torch.is_grad_enabled() and not self.current_trained:
             self.current_trained = True
-        if self.num_frozen + (self.num_current if current else 0) == 0:
+        if self._num_frozen + (self.num_current if current else 0) == 0:
             return y
+        delta = self._fast_delta(x, current) if self.fast else self._reference_delta(x, current)
+        return y + delta.to(y.dtype)
+
+    def _reference_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
+        """fast_path="off": the equations as written, over the concatenated bank."""
         A, B = self.frozen_A, self.frozen_B
         if current:
             A = torch.cat([A, self.A])
@@ -253,7 +337,53 @@ class MoRAMLayer(nn.Module):
         if self.collect_stats:
             self._accumulate(h.new_ones(h.shape) if w is None else w, x)
         mixed = h if w is None else w * h                            # Eq. 4: w ⊙ h
-        return y + (mixed @ B.t()).to(y.dtype)
+        return mixed @ B.t()
+
+    def _fast_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
+        """The same update without concatenating weights: frozen bank and trainable block apart
+        (no gradient is built for the frozen keys or values), compact routing for MoRAM."""
+        x_atoms = self.dropout(x).to(self.bank_keys.dtype)
+        n_frozen = self._num_frozen
+        parts = []
+        if n_frozen:
+            parts.append(x_atoms @ self.frozen_A.t())
+        current_B = None
+        if current:
+            parts.append(x_atoms @ self.A.t())
+            current_B = self.B * self.config.scale
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [..., R]    Eq. 3
+        if isinstance(self.method, MoRAM):
+            return self._routed_value(h, n_frozen, current_B, x)
+        w = self.mixture_weights(h, x_atoms, current)
+        if self.collect_stats:
+            self._accumulate(h.new_ones(h.shape) if w is None else w, x)
+        return self._dense_value(h if w is None else w * h, n_frozen, current_B)
+
+    def _routed_value(self, h, n_frozen, current_B, x) -> torch.Tensor:
+        """MoRAM: Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those."""
+        delta = None if self.training else self.delta                # Eq. 8 acts at inference only
+        routed = kernels.fused_route_topk(h, self.k, self.tau, delta, self.config.eps,
+                                          return_weights=self.collect_stats)
+        coef, idx = routed[0], routed[1]
+        if self.collect_stats:
+            self._accumulate_kept(idx, routed[2], h.shape[-1], x)
+        n_atoms, k_eff = h.shape[-1], idx.shape[-1]
+        if n_atoms >= kernels.SPARSE_MIN_ATOMS_PER_K * k_eff:
+            return kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
+        # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept
+        # coefficients are already every atom's, in order (indices ascend).
+        mixed = coef if k_eff == n_atoms else coef.new_zeros(h.shape).scatter_add(-1, idx, coef)
+        return self._dense_value(mixed, n_frozen, current_B)
+
+    def _dense_value(self, mixed: torch.Tensor, n_frozen: int, current_B: torch.Tensor | None) -> torch.Tensor:
+        """[frozen values | current_B] · mixed, as two products (no concatenated bank)."""
+        if current_B is None:
+            return mixed @ self.frozen_values
+        current = mixed[..., n_frozen:] @ current_B.t()
+        if not n_frozen:
+            return current
+        return torch.addmm(current.reshape(-1, current.shape[-1]), mixed[..., :n_frozen].reshape(-1, n_frozen),
+                           self.frozen_values).view(current.shape)
 
     def mixture_weights(self, h: torch.Tensor, x: torch.Tensor, current: bool) -> torch.Tensor | None:
         """w over the routed atoms; None means every atom counts fully (the LoRA baselines)."""
