@@ -105,3 +105,11 @@ def test_routing_row_sums_mass_per_task_block_per_layer_group():
     assert row["v_proj"] == pytest.approx([1.0, 0.0])
     assert row["all"] == pytest.approx([0.7, 0.3])          # (3 + 4) / 10, (3 + 0) / 10
     assert layer_group("model.layers.3.self_attn.q_proj") == "q_proj"
+
+
+def test_training_blocks_are_the_older_tasks_kept_atoms_then_the_tasks_own():
+    from moram_platform.routing_diagnostics import training_blocks
+
+    _, shards = hand_set_model()
+    assert training_blocks(shards) == {"proj": [2, 2]}
+    assert training_blocks(shards[:1]) == {"proj": [2]}

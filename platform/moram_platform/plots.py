@@ -89,9 +89,16 @@ def _shares(mass) -> np.ndarray:
     return mass / total if total > 0 else np.zeros_like(mass)
 
 
-def _model_order(name: str) -> list:
-    """``layers.10`` after ``layers.9``: numbers compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+# Within one block, the order modules run in (names sort q, k, v, o otherwise as k, o, q, v).
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj",
+                 "c_fc", "c_proj")
+
+
+def _model_order(name: str) -> tuple:
+    """Layers by their indices (``layers.10`` after ``layers.9``), then the order modules run in."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", name))
+    module = name.rsplit(".", 1)[-1]
+    return numbers, _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER), name
 
 
 def _layer_type(name: str) -> str:

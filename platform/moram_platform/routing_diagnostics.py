@@ -53,6 +53,20 @@ def task_blocks(shards: Sequence[Any], prune_mass: float | None = None) -> dict[
     return blocks
 
 
+def training_blocks(shards: Sequence[Any]) -> dict[str, list[int]] | None:
+    """layer -> atoms per task as the last shard's task saw them while it trained (its routing
+    mass covers them): the older tasks' kept atoms, then the task's own before pruning."""
+    from moram import read_shard
+
+    parsed = [s if hasattr(s, "layer_names") else read_shard(s) for s in shards]
+    older = task_blocks(parsed[:-1]) if len(parsed) > 1 else {}
+    if not parsed or older is None or parsed[-1].mode != "append":
+        return None
+    added = parsed[-1].metadata.get("added", {})
+    return {name: [*older.get(name, []), int(added.get(name, count))]
+            for name, count in parsed[-1].atom_counts.items()}
+
+
 def layer_group(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``q_proj``: the module's own name."""
     return name.rsplit(".", 1)[-1]

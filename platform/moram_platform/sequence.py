@@ -28,6 +28,7 @@ from .config import ConfigError, JobConfig
 from .plots import accuracy_heatmap, activation_heatmap
 from .registry import Registry, RegistryError, RunLease
 from .registry.evaluations import read_evaluation, record_evaluation
+from .routing_diagnostics import training_blocks
 from .tracking import Tracker, matrix_csv
 
 log = logging.getLogger(__name__)
@@ -223,13 +224,15 @@ def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registr
     with tempfile.TemporaryDirectory() as folder:
         from moram import read_shard
 
-        shard_bytes = registry.read_shards(run_id, version.version)[-1]
+        shards = registry.read_shards(run_id, version.version)
+        shard_bytes = shards[-1]
         shard_path = Path(folder) / f"{index:02d}-{version.task}.safetensors"
         shard_path.write_bytes(shard_bytes)
         tracker.log_file(child, shard_path, "shard")
         shard = read_shard(shard_bytes, name=shard_path.name)
         mass = {name: shard.layer(name)["routing_mass"].numpy() for name in shard.layer_names}
-        heatmap = activation_heatmap(mass, Path(folder) / "atom_activation.png",
+        heatmap = activation_heatmap(mass, Path(folder) / "atom_activation.png", task_atoms=training_blocks(shards),
+                                     task_names=tasks[: index + 1],
                                      title=f"atom activation during {version.task} (version {version.version})")
         tracker.log_file(child, heatmap, "plots")
     tracker.finish(child)

@@ -3,7 +3,7 @@
     moram generate --registry s3://bucket/moram --run trace-run --version 3 "What is 2 + 2?"
     moram generate --run trace-run --input prompts.jsonl --output answers.jsonl
     moram evaluate --run trace-run --version 3 --tasks FOMC ScienceQA --profile moram-repo
-    moram compare --tracking-uri http://127.0.0.1:5000 --experiment trace [--runs a b]
+    moram compare --tracking-uri http://127.0.0.1:5000 --experiment trace [--runs a b | --study NAME]
     moram config show jobs/configs/trace/smollm2-135m_moram.yaml --set train.lr=1e-3
     moram config validate my.yaml
     moram registry list                       # the moram-registry commands
@@ -157,6 +157,8 @@ def _compare_parser(commands) -> None:
     sub.add_argument("--tracking-uri", required=True, help="MLflow tracking URI (http://..., sqlite:///...)")
     sub.add_argument("--experiment", required=True, help="MLflow experiment (default of the jobs: the benchmark name)")
     sub.add_argument("--runs", nargs="+", metavar="RUN", help="run ids to compare, in this order (default: all)")
+    sub.add_argument("--study", help="the comparison report of this study (mean ± std per method; "
+                                     "moram_platform.report), as Markdown, or CSV with --format csv")
     sub.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sub.set_defaults(handler=_compare)
 
@@ -164,6 +166,12 @@ def _compare_parser(commands) -> None:
 def _compare(args) -> int:
     from .compare import compare_runs, format_table
 
+    if args.study:
+        from ..report import study_report
+
+        report = study_report(args.tracking_uri, args.experiment, args.study)
+        print(report.csv() if args.format == "csv" else report.markdown())
+        return 0
     rows = compare_runs(args.tracking_uri, args.experiment, args.runs)
     print(json.dumps(rows, indent=1) if args.format == "json" else format_table(rows, args.format))
     return 0

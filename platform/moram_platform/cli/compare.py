@@ -19,17 +19,20 @@ class CompareError(ValueError):
     """An unknown experiment or run."""
 
 
-def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None = None,
+                 parent: str | None = None) -> list[dict[str, Any]]:
     """One row per sequence of ``experiment`` (all, or ``runs`` in that order): run id, method,
     model, MLflow status, the MLflow run id, and the summary metrics its parent run logged
-    (per-domain ones such as ``transfer/<domain>`` aside)."""
+    (per-domain ones such as ``transfer/<domain>`` aside). ``parent``: only the sequences
+    nested under that MLflow run (a study's members; moram_platform.report)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise CompareError(f"experiment {experiment!r} does not exist in the MLflow store {_safe(tracking_uri)}")
-    sequences = client.search_runs([found.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sequence'",
+    query = f"tags.`{KIND_TAG}` = 'sequence'" + (f" and tags.`mlflow.parentRunId` = '{parent}'" if parent else "")
+    sequences = client.search_runs([found.experiment_id], filter_string=query,
                                    max_results=5000, order_by=["attributes.start_time ASC"])
     rows = {}
     for run in sequences:

@@ -1,0 +1,299 @@
+"""The comparison report of a study (or of any set of sequences in MLflow): per method (more
+exactly: per grid point with the seed and the task order left out), mean ± std over seeds and
+orders of OP, BWT_eq10, the reference repo's forgetting magnitude, FWT and the own-task routing
+share, with the paper's number beside it where the setting matches; the per-method mean
+accuracy (and routing) matrices; Markdown, CSV and a bar chart with error bars.
+
+    report = study_report("http://mlflow:5000", "trace", "methods-v1")
+    print(report.markdown())
+    report.write("out/")                        # report.md, report.csv, bars.png, matrices
+
+The rows come from ``cli.compare.compare_runs`` (the one reader of sequence summaries, also
+behind ``moram compare``); std is the sample standard deviation (n - 1), "-" for one run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cli.compare import CompareError, compare_runs
+
+# (column in the report, the summary metric the sequence driver logs, what it is)
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("OP", "OP", "mean accuracy after the last task (O-LoRA's 'average accuracy', AA)"),
+    ("BWT_eq10", "BWT_eq10", "paper Eq. 10, forgetting-positive (= -BWT_signed = forgetting); lower is better"),
+    ("forgetting_ref", "reference_forgetting_magnitude", "reference repo's (1/T) Σ min(R[T][j]-R[j][j], 0), "
+                                                          "as a magnitude"),
+    ("FWT", "FWT", "forward transfer against the zero-shot row (needs eval.baseline)"),
+    ("own_routing", "routing/own_share_mean", "share of routing mass on the evaluated task's own atoms "
+                                              "(final version; MoRAM and MoE-LoRA)"),
+)
+# Grid keys that a method's mean is taken over, never grouped by.
+REPEAT_KEYS = ("run.seed", "data.tasks", "run.name")
+STANDARD_CL_4 = frozenset({"dbpedia", "amazon", "yahoo", "agnews"})
+STANDARD_CL_15 = frozenset({"MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon", "SST-2",
+                            "dbpedia", "agnews", "MultiRC", "yahoo"})
+
+
+class ReportError(CompareError):
+    """No study of that name, or nothing finished to report."""
+
+
+@dataclass
+class RunRecord:
+    run: str
+    group: str
+    tasks: list[str]
+    metrics: dict[str, float]
+    matrix: list[list[float]] | None
+    routing: list[list[float]] | None = None
+
+
+@dataclass
+class GroupSummary:
+    group: str
+    runs: list[str]
+    stats: dict[str, tuple[float, float | None, int]]      # column -> (mean, std or None, n)
+    mean_matrix: list[list[float]] | None
+    matrix_columns: list[str]
+    mean_routing: list[list[float]] | None = None
+    paper: dict[str, tuple[float, str]] = field(default_factory=dict)   # column -> (value, "Table x, row")
+
+
+@dataclass
+class StudyReport:
+    title: str
+    groups: list[GroupSummary]
+    incomplete: list[str]
+
+    # -- text ----------------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        return [name for name, _, _ in METRICS if any(name in g.stats for g in self.groups)]
+
+    def markdown(self) -> str:
+        columns = self.columns()
+        lines = [f"# {self.title}", "",
+                 "mean ± std over seeds and orders (sample std; n runs per row); paper numbers in brackets "
+                 "where the setting matches (`moram_platform/data/paper_anchors.csv`).", "",
+                 "| method | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        for g in self.groups:
+            n = max((s[2] for s in g.stats.values()), default=0)
+            cells = [_cell(g.stats.get(c), g.paper.get(c)) for c in columns]
+            lines.append(f"| {g.group} | {n} | " + " | ".join(cells) + " |")
+        lines += ["", *[f"- **{name}**: {what}" for name, _, what in METRICS if name in columns]]
+        if self.incomplete:
+            lines += ["", f"Not finished (left out): {', '.join(self.incomplete)}"]
+        for g in self.groups:
+            if g.mean_matrix is None:
+                continue
+            lines += ["", f"## {g.group}: mean accuracy matrix R[i][j] over {len(g.runs)} runs", "",
+                      "| after \\ on | " + " | ".join(g.matrix_columns) + " |",
+                      "|---|" + "---|" * len(g.matrix_columns)]
+            for label, row in zip(g.matrix_columns, g.mean_matrix):
+                lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["method", "metric", "mean", "std", "n", "paper", "paper_source", "runs"])
+        for g in self.groups:
+            for column in self.columns():
+                if column in g.stats:
+                    mean, std, n = g.stats[column]
+                    paper, source = g.paper.get(column, (None, ""))
+                    writer.writerow([g.group, column, f"{mean:.4f}", "" if std is None else f"{std:.4f}", n,
+                                     "" if paper is None else paper, source, " ".join(g.runs)])
+        return out.getvalue()
+
+    # -- files ---------------------------------------------------------------------------
+    def write(self, folder: str | Path) -> list[Path]:
+        from .plots import accuracy_heatmap, metric_bars, routing_heatmap
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / "report.md", folder / "report.csv"]
+        paths[0].write_text(self.markdown())
+        paths[1].write_text(self.csv())
+        bars = {g.group: {c: g.stats[c][:2] for c in ("OP", "BWT_eq10", "FWT") if c in g.stats} for g in self.groups}
+        paths.append(metric_bars(bars, folder / "metrics.png", title=self.title))
+        for g in self.groups:
+            slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g.group)
+            if g.mean_matrix is not None:
+                paths.append(accuracy_heatmap(g.mean_matrix, g.matrix_columns, folder / f"matrix_{slug}.png",
+                                              title=f"{g.group}: mean R[i][j] over {len(g.runs)} runs"))
+            if g.mean_routing is not None:
+                paths.append(routing_heatmap(g.mean_routing, g.matrix_columns, folder / f"routing_{slug}.png",
+                                             title=f"{g.group}: who routes to whom (final version, mean)"))
+        return paths
+
+
+def _cell(stat: tuple[float, float | None, int] | None, paper: tuple[float, str] | None) -> str:
+    if stat is None:
+        return "-"
+    mean, std, _ = stat
+    text = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± -"
+    return text + (f" [{paper[0]:g}]" if paper else "")
+
+
+# -- building ----------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
+    """(mean, sample std or None for one value, n)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def summarize_runs(records: Sequence[RunRecord], anchors: list[dict[str, str]] | None = None) -> list[GroupSummary]:
+    """Group summaries in first-seen order of the groups."""
+    anchors = load_anchors() if anchors is None else anchors
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group, []).append(record)
+    summaries = []
+    for group, members in groups.items():
+        stats = {}
+        for column, metric, _ in METRICS:
+            values = [m.metrics[metric] for m in members if metric in m.metrics]
+            if values:
+                stats[column] = mean_std(values)
+        matrix, columns = _mean_matrix([m.matrix for m in members], [m.tasks for m in members])
+        routing, _ = _mean_matrix([m.routing for m in members], [m.tasks for m in members])
+        summary = GroupSummary(group, [m.run for m in members], stats, matrix, columns, routing)
+        summary.paper = _paper_numbers(anchors, group, members)
+        summaries.append(summary)
+    return summaries
+
+
+def _mean_matrix(matrices: list, orders: list[list[str]]) -> tuple[list[list[float]] | None, list[str]]:
+    """Element-wise mean; with one task order the columns are its tasks, with several they are
+    positions in the order (R[i][j]: after the i-th task, on the j-th)."""
+    present = [(m, o) for m, o in zip(matrices, orders) if m]
+    if not present or len({(len(m), len(m[0])) for m, _ in present}) != 1:
+        return None, []
+    size = len(present[0][0][0])
+    same_order = len({tuple(o) for _, o in present}) == 1
+    columns = list(present[0][1]) if same_order else [f"task {j + 1}" for j in range(size)]
+    mean = [[statistics.fmean(m[i][j] for m, _ in present) for j in range(size)] for i in range(len(present[0][0]))]
+    return mean, columns
+
+
+# -- paper anchors ------------------------------------------------------------------------------
+def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Rows of the paper-anchor file: setting, method, metric, value, table, row, note."""
+    if path is None:
+        text = resources.files("moram_platform").joinpath("data/paper_anchors.csv").read_text()
+    else:
+        text = Path(path).read_text()
+    return [row for row in csv.DictReader(io.StringIO(text)) if not row["setting"].startswith("#")]
+
+
+def setting_of(tasks: Sequence[str]) -> str | None:
+    """The paper setting a task list belongs to (its numbers are comparable only there)."""
+    from .config import TRACE_500_ORDER
+
+    names = frozenset(tasks)
+    if names == STANDARD_CL_4:
+        return "standard-cl-4"
+    if names == STANDARD_CL_15:
+        return "standard-cl-15"
+    if names == frozenset(TRACE_500_ORDER):
+        return "trace-8"
+    return None
+
+
+def _paper_numbers(anchors: list[dict[str, str]], group: str, members: list[RunRecord]) -> dict[str, tuple]:
+    settings = {setting_of(m.tasks) for m in members}
+    methods = {m.metrics.get("_method") for m in members} | {group}
+    if len(settings) != 1 or None in settings:
+        return {}
+    setting = settings.pop()
+    found = {}
+    for row in anchors:
+        if row["setting"] == setting and row["method"] in methods:
+            found[row["metric"]] = (float(row["value"]), f"{row['table']}, {row['row']}")
+    return found
+
+
+# -- reading MLflow -------------------------------------------------------------------------------
+def study_report(tracking_uri: str, experiment: str, study: str) -> StudyReport:
+    """The report of the study ``study`` (its member sequences are nested under its MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    from .tune.study import AXES_TAG, STUDY_TAG
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ReportError(f"experiment {experiment!r} does not exist")
+    parents = client.search_runs([found.experiment_id], filter_string=(
+        f"tags.`{STUDY_TAG}` = '{study}' and tags.`moram.kind` = 'study'"), max_results=1)
+    if not parents:
+        raise ReportError(f"experiment {experiment!r} has no study named {study!r}")
+    parent = parents[0]
+    axes = json.loads(parent.data.tags.get(AXES_TAG, "[]"))
+    rows = compare_runs(tracking_uri, experiment, parent=parent.info.run_id)
+    return _report(client, rows, [a for a in axes if a not in REPEAT_KEYS], f"Study {study}")
+
+
+def runs_report(tracking_uri: str, experiment: str, runs: Sequence[str] | None = None) -> StudyReport:
+    """The same for any sequences of an experiment, grouped by method."""
+    from mlflow.tracking import MlflowClient
+
+    rows = compare_runs(tracking_uri, experiment, runs)
+    return _report(MlflowClient(tracking_uri), rows, [], f"Runs of {experiment}")
+
+
+def _report(client, rows: list[dict[str, Any]], group_keys: list[str], title: str) -> StudyReport:
+    from .tune.study import LABEL_TAG_PREFIX
+
+    records, incomplete = [], []
+    for row in rows:
+        if row["status"] != "FINISHED" or "OP" not in row:
+            incomplete.append(row["run"])
+            continue
+        tags = client.get_run(row["mlflow_run_id"]).data.tags
+        labels = [tags.get(LABEL_TAG_PREFIX + key, "?") for key in group_keys]
+        group = "/".join(labels) if group_keys else row["method"]
+        metrics = {k: v for k, v in row.items() if isinstance(v, float)}
+        metrics.update(_routing_metric(client, row["mlflow_run_id"]))
+        metrics["_method"] = row["method"]
+        tasks = tags.get("moram.order", "").split(",")
+        matrix = _artifact_matrix(client, row["mlflow_run_id"], "accuracy_matrix.csv")
+        routing = _artifact_matrix(client, row["mlflow_run_id"], "routing/final_all.csv")
+        records.append(RunRecord(row["run"], group, tasks, metrics, matrix, routing))
+    if not records:
+        raise ReportError(f"{title}: no finished sequence to report" +
+                          (f" (not finished: {', '.join(incomplete)})" if incomplete else ""))
+    return StudyReport(title, summarize_runs(records), incomplete)
+
+
+def _routing_metric(client, run_id: str) -> dict[str, float]:
+    metric = client.get_run(run_id).data.metrics.get("routing/own_share_mean")
+    return {} if metric is None else {"routing/own_share_mean": float(metric)}
+
+
+def _artifact_matrix(client, run_id: str, path: str) -> list[list[float]] | None:
+    """A matrix CSV (``after_task, <task>...``) logged on the run, or None."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = client.download_artifacts(run_id, path, folder)
+        except Exception:   # noqa: BLE001  (absent: MLflow raises store-specific errors)
+            return None
+        rows = list(csv.reader(Path(local).read_text().splitlines()))
+    return [[float(v) for v in row[1:]] for row in rows[1:]] or None
+
+
+def log_study_report(tracker, run_id: str, report: StudyReport) -> None:
+    """Report files (Markdown, CSV, bar chart, mean matrices) as artifacts of the study's run."""
+    with tempfile.TemporaryDirectory() as folder:
+        for path in report.write(folder):
+            tracker.log_file(run_id, path, "report")
+    metrics = {f"{g.group}/{column}_mean": stat[0] for g in report.groups for column, stat in g.stats.items()}
+    tracker.log_metrics(run_id, metrics)

@@ -1,0 +1,93 @@
+"""The comparison report without MLflow: grouping, mean ± std by hand, mean matrices, paper
+anchors where the setting matches, and its files (the MLflow side: tests/test_study.py)."""
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from moram_platform.plots import activation_heatmap
+from moram_platform.report import RunRecord, StudyReport, load_anchors, mean_std, setting_of, summarize_runs
+
+ORDER_1 = ["dbpedia", "amazon", "yahoo", "agnews"]
+
+
+def record(run, group, op, bwt, tasks=("a", "b"), matrix=None, **extra):
+    return RunRecord(run, group, list(tasks), {"OP": op, "BWT_eq10": bwt, "_method": group, **extra}, matrix)
+
+
+def test_mean_and_sample_std_per_group_by_hand():
+    records = [record("m-s0", "moram", 60.0, 2.0, matrix=[[50.0, 10.0], [40.0, 80.0]]),
+               record("m-s1", "moram", 70.0, 4.0, matrix=[[70.0, 20.0], [60.0, 80.0]]),
+               record("i-s0", "inclora", 30.0, 9.0)]
+    groups = summarize_runs(records, anchors=[])
+    assert [g.group for g in groups] == ["moram", "inclora"]
+    moram, inclora = groups
+    # mean (60 + 70) / 2 = 65; sample std sqrt(((60-65)^2 + (70-65)^2) / (2-1)) = sqrt(50) = 7.0711
+    assert moram.stats["OP"] == pytest.approx((65.0, 50 ** 0.5, 2))
+    assert moram.stats["BWT_eq10"] == pytest.approx((3.0, 2 ** 0.5, 2))
+    assert inclora.stats["OP"] == (30.0, None, 1)          # one run: no std
+    assert moram.mean_matrix == [[60.0, 15.0], [50.0, 80.0]] and moram.matrix_columns == ["a", "b"]
+    assert inclora.mean_matrix is None
+    assert mean_std([1.0, 2.0, 6.0]) == pytest.approx((3.0, 7 ** 0.5, 3))   # deviations -2, -1, 3: 14 / 2
+
+
+def test_several_orders_average_by_position():
+    records = [record("o1", "moram", 1.0, 0.0, tasks=("a", "b"), matrix=[[10.0, 0.0], [20.0, 30.0]]),
+               record("o2", "moram", 1.0, 0.0, tasks=("b", "a"), matrix=[[30.0, 0.0], [40.0, 50.0]])]
+    group, = summarize_runs(records, anchors=[])
+    assert group.matrix_columns == ["task 1", "task 2"]
+    assert group.mean_matrix == [[20.0, 0.0], [30.0, 40.0]]
+
+
+def test_paper_numbers_stand_beside_a_matching_setting_only():
+    anchors = [{"setting": "standard-cl-4", "method": "moram", "metric": "OP", "value": "77.6",
+                "table": "Table 2", "row": "MoRAM", "note": ""}]
+    matching = [record("m", "moram", 50.0, 1.0, tasks=ORDER_1)]
+    other = [record("m", "moram", 50.0, 1.0, tasks=("C-STANCE", "FOMC"))]
+    assert summarize_runs(matching, anchors)[0].paper == {"OP": (77.6, "Table 2, MoRAM")}
+    assert summarize_runs(other, anchors)[0].paper == {}
+    assert setting_of(["agnews", "yahoo", "amazon", "dbpedia"]) == "standard-cl-4"
+    assert setting_of(["FOMC"]) is None
+    report = StudyReport("t", summarize_runs(matching, anchors), [])
+    assert "50.00 ± - [77.6]" in report.markdown()
+
+
+def test_the_shipped_anchor_file_has_the_columns():
+    rows = load_anchors()
+    text = __import__("importlib.resources").resources.files("moram_platform").joinpath(
+        "data/paper_anchors.csv").read_text()
+    assert next(csv.reader(io.StringIO(text))) == ["setting", "method", "metric", "value", "table", "row", "note"]
+    assert all(float(row["value"]) >= -100 for row in rows)
+
+
+def test_report_files(tmp_path):
+    records = [record("m-s0", "moram", 60.0, 2.0, matrix=[[50.0, 10.0], [40.0, 80.0]], FWT=1.0),
+               record("m-s1", "moram", 70.0, 4.0, matrix=[[70.0, 20.0], [60.0, 80.0]], FWT=3.0),
+               record("i-s0", "inclora", 30.0, 9.0, FWT=0.5)]
+    report = StudyReport("Study t", summarize_runs(records, anchors=[]), ["late-run"])
+    text = report.markdown()
+    assert "| moram | 2 | 65.00 ± 7.07 | 3.00 ± 1.41 | 2.00 ± 1.41 |" in text
+    assert "| inclora | 1 | 30.00 ± - | 9.00 ± - | 0.50 ± - |" in text
+    assert "Not finished (left out): late-run" in text
+    assert "| b | 50.00 | 80.00 |" in text           # the mean matrix
+    rows = list(csv.DictReader(io.StringIO(report.csv())))
+    assert rows[0] == {"method": "moram", "metric": "OP", "mean": "65.0000", "std": "7.0711", "n": "2", "paper": "",
+                       "paper_source": "", "runs": "m-s0 m-s1"}
+    names = {p.name for p in report.write(tmp_path)}
+    assert names == {"report.md", "report.csv", "metrics.png", "matrix_moram.png"}
+
+
+def test_activation_heatmap_blocks_tasks_and_orders_layers(tmp_path):
+    # 30 layers x 4 projections (SmolLM2-sized): 120 rows collapse to 4 layer types.
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(30) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    blocks = {n: [8, 8 - (i % 3), 8] for i, n in enumerate(names)}     # task 2 pruned in some layers
+    mass = {n: rng.random(sum(b)) for n, b in blocks.items()}
+    path = activation_heatmap(mass, tmp_path / "many.png", title="atom activation during FOMC (version 3) " * 3,
+                              task_atoms=blocks, task_names=["C-STANCE", "FOMC", "ScienceQA"])
+    assert path.stat().st_size > 0
+    few = {n: mass[n] for n in names[:8]}
+    path = activation_heatmap(few, tmp_path / "few.png", task_atoms={n: blocks[n] for n in few},
+                              task_names=["C-STANCE", "FOMC", "ScienceQA"])
+    assert path.stat().st_size > 0
