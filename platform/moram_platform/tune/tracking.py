@@ -17,20 +17,22 @@ class SweepTracker(Tracker):
         super().__init__(tracking_uri, experiment, run_id=name)
         self.name = name
 
-    def sweep_run(self, params: dict[str, Any], tags: dict[str, str], digest: str) -> tuple[str, bool]:
-        """(MLflow run id of the sweep's parent run, whether it already existed).
+    def sweep_run(self, params: dict[str, Any], tags: dict[str, str], digest: str,
+                  kind: str = "sweep") -> tuple[str, bool]:
+        """(MLflow run id of the sweep's parent run, whether it already existed); ``kind`` "study"
+        for a study's parent (tune/study.py).
 
         A sweep resumed with a different space is refused: its trials would not be comparable."""
-        found = self._find_run(f"tags.`{SWEEP_TAG}` = '{self.name}' and tags.`{KIND_TAG}` = 'sweep'")
+        found = self._find_run(f"tags.`{SWEEP_TAG}` = '{self.name}' and tags.`{KIND_TAG}` = '{kind}'")
         if found is not None:
             recorded = found.data.tags.get(DIGEST_TAG)
             if recorded != digest:
-                raise ValueError(f"sweep {self.name} was started with a different space file or base config "
+                raise ValueError(f"{kind} {self.name} was started with a different space file or base config "
                                  f"(digest {recorded}, now {digest}); resume it unchanged or use a new --name")
             self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id, True
         run = self.client.create_run(self.experiment_id, run_name=self.name, tags={
-            SWEEP_TAG: self.name, KIND_TAG: "sweep", DIGEST_TAG: digest, **tags})
+            SWEEP_TAG: self.name, KIND_TAG: kind, DIGEST_TAG: digest, **tags})
         self.log_params(run.info.run_id, params)
         return run.info.run_id, False
 
