@@ -23,4 +23,5 @@ pytest_plugins = [
     "fixtures.images",
     "fixtures.smollm2",
     "fixtures.tiny_lm",
+    "fixtures.memory",
 ]

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from fixtures.memory import RUN, TASK, trained_memory  # noqa: F401  (fixture)
+from fixtures.memory import RUN, TASK
 from fixtures.models import tiny_llama
 
 from moram import MoRAMConfig, get_moram_model, model_fingerprint

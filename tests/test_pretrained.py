@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from fixtures.memory import RUN, trained_memory  # noqa: F401  (fixture)
+from fixtures.memory import RUN
 from fixtures.models import tiny_llama
 
 from moram import MoRAMConfig, get_moram_model, load_causal_lm, model_fingerprint

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fixtures.memory import RUN, trained_memory  # noqa: F401  (fixture)
+from fixtures.memory import RUN
 
 from moram_platform.generation import RegistrySpec, generate, load_memory_model
 from moram_platform.serving import _prompts, log_memory_model
