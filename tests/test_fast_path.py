@@ -1,0 +1,166 @@
+"""The fast layer (fast_path="auto") against the equations as written (fast_path="off").
+
+Tiny random models: these tests check plumbing and numerics of one layer implementation
+against another, not model behaviour."""
+import pytest
+import torch
+from torch import nn
+
+from moram import MoRAMConfig, get_moram_model
+from moram.config import MoRAMConfigError
+from moram.functional import moram_delta
+from moram.layer import MoRAMLayer
+from fixtures.models import tiny_llama
+
+# Training in the two paths sums the same products in a different order (a split key product
+# instead of one over the concatenated bank, a softmax over the k kept scores instead of over
+# the -inf-masked row, embedding_bag instead of a GEMM), so gradients differ in the last bits
+# and so do the trained atoms; Adam (m / sqrt(v)) enlarges them on near-zero gradients. Over
+# the cases below the largest difference was 4.9e-5 (on values ~0.04 after 4 steps at lr 1e-2).
+TRAINED_ATOL, TRAINED_RTOL = 1e-4, 1e-4
+
+
+def run_sequence(fast_path: str, r: int, k: int, steps: int = 4, tasks: int = 2, dropout: float = 0.1):
+    """Two tasks, a few Adam steps each, pruning on; returns the model and its end_task reports."""
+    torch.manual_seed(0)
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=r, k=k, tau=0.1, dropout=dropout, prune_mass=0.9,
+                                                      fast_path=fast_path))
+    reports = []
+    for task in range(tasks):
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(task))
+        model.begin_task(f"t{task}")
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids)).loss.backward()
+            optimizer.step(), optimizer.zero_grad()
+        reports.append(model.end_task())
+    model.eval()
+    return model, reports
+
+
+@pytest.mark.parametrize("r, k", [(4, 2), (16, 2)], ids=["dense-value", "sparse-value"])
+def test_a_short_sequence_runs_the_same_with_and_without_the_fast_path(r, k):
+    fast, fast_reports = run_sequence("auto", r, k)
+    slow, slow_reports = run_sequence("off", r, k)
+    assert [rep.kept for rep in fast_reports] == [rep.kept for rep in slow_reports]  # same pruning
+    for name, layer in fast.moram_layers.items():
+        other = slow.moram_layers[name]
+        torch.testing.assert_close(layer.frozen_A, other.frozen_A, atol=TRAINED_ATOL, rtol=TRAINED_RTOL)
+        torch.testing.assert_close(layer.frozen_B, other.frozen_B, atol=TRAINED_ATOL, rtol=TRAINED_RTOL)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fast_logits, slow_logits = fast(input_ids=ids).logits, slow(input_ids=ids).logits
+    torch.testing.assert_close(fast_logits, slow_logits, atol=TRAINED_ATOL, rtol=TRAINED_RTOL)
+    assert torch.equal(fast_logits.argmax(-1), slow_logits.argmax(-1))
+
+
+@pytest.mark.parametrize("frozen, current, k", [(3, 4, 2), (40, 8, 2), (40, 0, 3), (0, 8, 8)])
+def test_one_layer_matches_the_equations_in_value_and_gradient(frozen, current, k):
+    """Same frozen bank and block in both paths: outputs and gradients agree to float32 rounding,
+    whichever value path (dense or sparse: R >= 8 k_eff) the fast layer takes."""
+    torch.manual_seed(1)
+    config = dict(r=max(current, 1), k=k, tau=0.2, dropout=0.0, target_modules=["x"])
+    layers = {}
+    for path in ("auto", "off"):
+        torch.manual_seed(1)
+        layer = MoRAMLayer(nn.Linear(24, 12), MoRAMConfig(fast_path=path, **config), name="l")
+        if frozen:
+            layer.append_frozen(torch.randn(frozen, 24), torch.randn(12, frozen))
+        if current:
+            layer.begin_task(0)
+            with torch.no_grad():
+                layer.B.normal_()
+        layers[path] = layer.train()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    grads = {}
+    for path, layer in layers.items():
+        out = layer(x)
+        params = [x] + ([layer.A, layer.B] if current else [])
+        grads[path] = (out, *torch.autograd.grad(out.square().sum(), params))
+    for fast, slow in zip(grads["auto"], grads["off"]):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # eval: δ applies; the hand-written equations agree
+        fast_eval = layers["auto"].eval()(x)
+        torch.testing.assert_close(fast_eval, layers["off"].eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_frozen_bank_grows_geometrically_and_frozen_A_B_are_views_of_its_filled_part():
+    layer = MoRAMLayer(nn.Linear(6, 4), MoRAMConfig(r=3, target_modules=["x"]), name="l")
+    capacities = []
+    blocks = [(torch.randn(n, 6), torch.randn(4, n)) for n in (3, 3, 2, 3)]
+    for A, B in blocks:
+        layer.append_frozen(A, B)
+        capacities.append(layer.bank_keys.shape[0])
+    assert capacities == [3, 6, 12, 12]  # doubles when a block does not fit, else stays
+    assert layer.num_frozen == 11 and layer.frozen_A.shape == (11, 6) and layer.frozen_B.shape == (4, 11)
+    assert torch.equal(layer.frozen_A, torch.cat([A for A, _ in blocks]))
+    assert torch.equal(layer.frozen_B, torch.cat([B for _, B in blocks], dim=1))
+    assert layer.frozen_A.data_ptr() == layer.bank_keys.data_ptr()  # a view, no copy
+    assert layer.frozen_values.is_contiguous()                        # values as rows [R, d_out]
+
+
+def test_state_dict_holds_only_the_filled_atoms_under_the_historic_names():
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=3, k=2, dropout=0.0))
+    for layer in model.moram_layers.values():
+        layer.append_frozen(torch.randn(3, layer.in_features), torch.randn(layer.out_features, 3))
+        layer.append_frozen(torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2))
+    state = model.state_dict()
+    name, layer = next(iter(model.moram_layers.items()))
+    prefix = "model." + name + "."
+    assert state[prefix + "frozen_A"].shape == (5, layer.in_features)
+    assert state[prefix + "frozen_B"].shape == (layer.out_features, 5)
+    assert not any(key.endswith(("bank_keys", "bank_values")) for key in state)
+    fresh = get_moram_model(tiny_llama(), MoRAMConfig(r=3, k=2, dropout=0.0))
+    fresh.load_state_dict(state)
+    for name, layer in fresh.moram_layers.items():
+        assert torch.equal(layer.frozen_A, model.moram_layers[name].frozen_A)
+        assert torch.equal(layer.frozen_B, model.moram_layers[name].frozen_B)
+    missing = {k: v for k, v in state.items() if not k.endswith("frozen_B")}
+    with pytest.raises(RuntimeError, match="frozen_B"):
+        fresh.load_state_dict(missing)
+
+
+def test_inference_builds_no_autograd_graph():
+    model, _ = run_sequence("auto", r=4, k=2, steps=1, tasks=1)
+    out = model(input_ids=torch.randint(0, 128, (2, 6))).logits
+    assert not out.requires_grad  # eval, every atom frozen: nothing is recorded for a backward
+
+
+def test_bad_fast_path_value_names_the_key():
+    with pytest.raises(MoRAMConfigError, match="fast_path: must be 'auto' or 'off'"):
+        MoRAMConfig(fast_path="fast")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_torch_compile_traces_the_wrapped_model_without_graph_breaks(training):
+    """Dynamo with fullgraph=True raises on any graph break; the eager/aot_eager backends need
+    no C++ compiler, so this checks tracing, not Inductor's code generation."""
+    torch._dynamo.reset()
+    model, _ = run_sequence("auto", r=4, k=2, steps=1, tasks=1, dropout=0.0)
+    model.begin_task("open")
+    for layer in model.moram_layers.values():
+        layer.collect_stats = False  # statistics move tensors to the CPU: a graph break by design
+        layer.current_trained = True
+    model.train(training)
+    ids = torch.randint(0, 128, (2, 7))
+    inner = model.model
+    eager = inner(input_ids=ids).logits
+    compiled = torch.compile(inner, fullgraph=True, backend="aot_eager" if training else "eager")
+    with torch.set_grad_enabled(training):
+        traced = compiled(input_ids=ids).logits
+    if training:
+        traced.sum().backward()
+        assert all(layer.A.grad is not None for layer in model.moram_layers.values())
+    torch.testing.assert_close(traced.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_fast_path_off_is_the_specification():
+    layer = MoRAMLayer(nn.Linear(4, 2), MoRAMConfig(r=4, k=2, tau=0.5, dropout=0.0, fast_path="off",
+                                                    target_modules=["x"]), name="l")
+    nn.init.zeros_(layer.base.weight), nn.init.zeros_(layer.base.bias)
+    A, B = torch.randn(5, 4), torch.randn(2, 5)
+    layer.append_frozen(A, B)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer.train()(x), moram_delta(x, A, B, k=2, tau=0.5))
