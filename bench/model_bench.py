@@ -91,16 +91,19 @@ def train_step(model, ids):
 
 
 def saved_bytes(model, ids, device) -> float:
-    """Bytes kept for the backward of one training forward (distinct storages); CUDA: peak."""
+    """Bytes of activations kept for the backward of one training forward (distinct storages,
+    weights excluded); CUDA: peak allocated memory of a whole step."""
     if device.type == "cuda":
         torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         train_step(model, ids)()
         return torch.cuda.max_memory_allocated()
     storages = {}
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:  # activations only: the weights exist anyway
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
