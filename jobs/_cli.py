@@ -49,6 +49,7 @@ def load(args) -> "JobConfig":  # noqa: F821
 def run(config, args) -> int:
     from moram_platform.benchmark import get_benchmark
     from moram_platform.console import JobConsole, default_level
+    from moram_platform.registry.errors import find_storage_error
     from moram_platform.registry.lease import refuse_if_busy
     from moram_platform.sequence import default_run_id, run_sequence
 
@@ -73,7 +74,12 @@ def run(config, args) -> int:
     except (ValueError, LookupError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except BaseException:
+    except BaseException as error:
+        failed = find_storage_error(error)   # storage down or full: nothing partial is visible
+        if failed is not None and not isinstance(error, KeyboardInterrupt):
+            print(f"error: {failed}\nnothing partial was committed (versions are create-only): once the storage "
+                  f"is back, rerun the same command to resume. Full log: {_shown(log_file)}", file=sys.stderr)
+            return 1
         print(f"the job failed; its full log: {_shown(log_file)}", file=sys.stderr)
         raise
     print(f"\n== {result.run_id} ==")

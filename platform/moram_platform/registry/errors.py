@@ -48,3 +48,22 @@ class LeaseHeldError(RegistryError, ValueError):
 
 class LeaseLostError(RegistryError):
     """This driver's lease expired and another driver took the run over."""
+
+
+def find_storage_error(error: BaseException) -> StorageError | None:
+    """The StorageError behind ``error``, wherever Ray wrapped it (a remote task's error, a Ray
+    Train worker's failure), else None: a job reports it as one line that names the key."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)   # a RayTaskError's original exception (its str is the traceback)
+        if isinstance(current, StorageError):
+            return cause if isinstance(cause, StorageError) else current
+        pending += [current.__cause__, current.__context__, cause, getattr(current, "_base_exc", None),
+                    getattr(current, "controller_failure", None),
+                    *getattr(current, "worker_failures", {}).values()]
+    return None

@@ -1,0 +1,239 @@
+"""The job's driver (jobs/trace.py with its embedded Ray) killed with SIGKILL at the worst moments;
+the same command again must finish the run with nothing lost and nothing done twice.
+
+Real processes throughout: the tiny LLaMA with the SmolLM2 tokenizer on real TRACE-500 rows,
+Ray Train workers, the registry on the SeaweedFS S3 server, MLflow on a real tracking server.
+Every kill waits (bounded) for a state it can see in storage, never for a guessed time.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from moram import read_shard
+from moram_platform.registry import Registry, manifest_key
+from moram_platform.registry.lease import latest_lease
+from fixtures.paths import PROJECT_ROOT
+from fixtures.tiny_lm import tiny_trace_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+TASKS = ["C-STANCE", "FOMC"]
+STEPS = 12   # 48 examples / batch 4, a checkpoint after every step: a wide window to kill in
+setup_started = [time.time()]   # when this module's first job started (Ray sessions after it are ours)
+
+
+def write_config(folder: Path, tiny_lm_dir, trace_root, mlflow_server, name: str) -> Path:
+    config = tiny_trace_job(folder, tiny_lm_dir, trace_root, TASKS, mlflow_server.uri, f"faults-{name}")
+    config["data"]["max_train_examples"] = 4 * STEPS
+    config["train"]["checkpoint_every_steps"] = 1
+    config["eval"]["baseline"] = False
+    config["registry"] = {"uri": f"s3://moram-tests/faults-{name}"}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def job(config: Path, run: str) -> list[str]:
+    return [sys.executable, str(PROJECT_ROOT / "jobs" / "trace.py"), "--config", str(config), "--run-name", run,
+            "--quiet"]
+
+
+def start(command, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as handle:   # its own session: the kill takes the embedded Ray with it
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(command, log: Path, timeout: float = 1200) -> None:
+    with open(log, "ab") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
+    assert done.returncode == 0, log.read_text()[-4000:]
+
+
+def kill_when(process: subprocess.Popen, condition, what: str, log: Path, timeout: float = 900) -> None:
+    """SIGKILL the driver's whole process group as soon as ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if process.poll() is not None:
+                raise AssertionError(f"the job exited ({process.returncode}) before {what}:\n"
+                                     + log.read_text()[-4000:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def atoms(registry: Registry, run: str, version: int) -> dict[str, torch.Tensor]:
+    shard = read_shard(registry.read_shards(run, version)[-1])
+    return {f"{layer}.{name}": tensor for layer in shard.layer_names for name, tensor in shard.layer(layer).items()}
+
+
+def assert_same_atoms(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def finished_runs(run: str) -> list[tuple[str, str]]:
+    """One parent and one child per task, all finished: what MLflow must hold, whatever happened."""
+    return sorted((name, "FINISHED") for name in [run, "task-0-C-STANCE", "task-1-FOMC"])
+
+
+def mlflow_runs(mlflow_server, experiment: str, run: str):
+    client = MlflowClient(mlflow_server.uri)
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100,
+                               filter_string=f"tags.`moram.run_id` = '{run}'")
+    return sorted((r.info.run_name, r.info.status) for r in found)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_lm_dir, trace_root, mlflow_server):
+    folder = tmp_path_factory.mktemp("faults")
+    setup_started[0] = time.time()
+    name = uuid.uuid4().hex[:8]
+    config = write_config(folder, tiny_lm_dir, trace_root, mlflow_server, name)
+    registry = Registry(f"s3://moram-tests/faults-{name}")
+    reference = "uninterrupted"
+    finish(job(config, reference), folder / "reference.log")
+    assert registry.versions(reference) == [1, 2]
+    return folder, config, registry, f"faults-{name}", reference
+
+
+def test_a_second_driver_is_refused_and_a_killed_driver_resumes_its_task_from_the_checkpoint(setup, mlflow_server):
+    folder, config, registry, experiment, reference = setup
+    run, log = "killed-in-training", folder / "killed-in-training.log"
+    first = start(job(config, run), log)
+
+    # -- a second driver of the same run, while the first holds it: refused at once -------------
+    kill_deadline = time.monotonic() + 600
+    while latest_lease(registry.storage, run) is None:
+        assert first.poll() is None and time.monotonic() < kill_deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    started = time.monotonic()
+    second = subprocess.run(job(config, run), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"error: run {run} is in use by another driver (held by pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    refused_in = time.monotonic() - started
+
+    # -- the first is killed during task 2's training, after some of its checkpoints -------------
+    snapshot = folder / "ray_train" / f"{run}-task-1" / "checkpoint_manager_snapshot.json"
+    kill_when(first, snapshot.exists, "a checkpoint of task 2", log)
+    assert registry.versions(run) == [1]                       # no partial version 2
+    registry.verify(run, 1)
+    manifest_1 = registry.storage.read(manifest_key(run, 1))
+    records = registry.storage.children(f"{run}/evaluations")
+    assert len(records) == 1                                  # version 1 was evaluated before task 2 began
+    record_1 = registry.storage.read(f"{run}/evaluations/{records[0]}")
+
+    finish(job(config, run), log)                             # the same command again
+
+    assert registry.versions(run) == [1, 2]
+    registry.verify(run, 2)
+    assert registry.storage.read(manifest_key(run, 1)) == manifest_1                    # task 1 not retrained
+    assert registry.storage.read(f"{run}/evaluations/{records[0]}") == record_1          # nor re-evaluated
+    version_2 = registry.version(run, 2)
+    assert 1 <= version_2.metrics["resumed_from_step"] < STEPS     # task 2 went on from its checkpoint
+    assert version_2.metrics["train_steps"] == STEPS
+    assert_same_atoms(atoms(registry, run, 1), atoms(registry, reference, 1))
+    assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+    assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+    assert latest_lease(registry.storage, run)[1].released
+    print(f"second driver refused in {refused_in:.1f}s; task 2 resumed from step "
+          f"{version_2.metrics['resumed_from_step']} of {STEPS}")
+
+
+def test_a_driver_killed_during_evaluation_resumes_without_retraining(setup, mlflow_server):
+    folder, config, registry, experiment, reference = setup
+    run, log = "killed-in-evaluation", folder / "killed-in-evaluation.log"
+    first = start(job(config, run), log)
+    # version 1 committed, its evaluation not yet recorded: the driver is evaluating
+    kill_when(first, lambda: registry.versions(run) == [1], "the commit of task 1", log)
+    manifest_1 = registry.storage.read(manifest_key(run, 1))
+    assert registry.storage.children(f"{run}/evaluations") == []       # killed while evaluating version 1
+
+    finish(job(config, run), log)
+
+    assert registry.versions(run) == [1, 2]
+    assert registry.storage.read(manifest_key(run, 1)) == manifest_1
+    assert "resumed_from_step" not in registry.version(run, 1).metrics
+    assert len(registry.storage.children(f"{run}/evaluations")) == 2
+    assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+    assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+
+
+def test_the_s3_server_dies_mid_job_and_a_rerun_once_it_is_back_completes(setup, restartable_s3, mlflow_server):
+    folder, config, registry, experiment, reference = setup
+    run, log = "s3-outage", folder / "s3-outage.log"
+    first = start(job(config, run), log)
+    snapshot = folder / "ray_train" / f"{run}-task-1" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 900
+    while not snapshot.exists():                   # task 2 is training: its commit will meet a dead server
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    restartable_s3.stop()                          # SIGKILL, like a crashed storage node
+    try:
+        returncode = first.wait(timeout=1200)
+    finally:
+        restartable_s3.start()
+    output = log.read_text()
+    assert returncode == 1, output[-4000:]
+    assert f"error: s3://moram-tests/{experiment}/{run}/" in output, output[-4000:]
+    assert "nothing partial was committed" in output and "rerun the same command to resume" in output
+    assert registry.versions(run) == [1]           # no partial version 2
+    registry.verify(run, 1)
+
+    finish(job(config, run), log)
+
+    assert registry.versions(run) == [1, 2]
+    registry.verify(run, 2)
+    assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+    assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+
+
+def test_no_credential_in_anything_the_runs_wrote(setup, s3_server, mlflow_server, tmp_path):
+    """After the jobs above (credentials in the environment, registry and MLflow artifacts on
+    S3): neither key appears in the run folder (job stdout/stderr, run logs, Ray Train
+    checkpoints), the registry objects, MLflow params/tags/metrics/artifacts or Ray's logs."""
+    folder, config, registry, experiment, reference = setup
+    secrets = {"access key": s3_server.access_key.encode(), "secret key": s3_server.secret_key.encode()}
+    scanned = {"files": 0, "objects": 0, "runs": 0}
+
+    def scan(where: str, data: bytes) -> None:
+        for what, secret in secrets.items():
+            assert secret not in data, f"the {what} leaked into {where}"
+
+    def scan_tree(root: Path) -> None:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                scan(str(path), path.read_bytes())
+                scanned["files"] += 1
+
+    scan_tree(folder)                                             # job output, run logs, Ray Train storage
+    for session in Path("/tmp/ray").glob("session_2*"):        # the embedded Ray runtimes of these jobs
+        if session.stat().st_mtime >= setup_started[0] and (session / "logs").is_dir():
+            scan_tree(session / "logs")
+    pages = registry.storage.client.get_paginator("list_objects_v2").paginate(
+        Bucket="moram-tests", Prefix=f"{experiment}/")
+    for page in pages:
+        for item in page.get("Contents", []):
+            scan(item["Key"], registry.storage.client.get_object(Bucket="moram-tests", Key=item["Key"])["Body"].read())
+            scanned["objects"] += 1
+    client = MlflowClient(mlflow_server.uri)
+    for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100):
+        scan(f"MLflow run {run.info.run_name}", repr((run.data.params, run.data.tags, run.data.metrics)).encode())
+        downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        scan_tree(downloaded)
+        scanned["runs"] += 1
+    assert scanned["objects"] > 0 and scanned["runs"] >= 3 and scanned["files"] > 0
+    print(f"no credential in {scanned}")
