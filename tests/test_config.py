@@ -207,3 +207,40 @@ def test_every_key_has_a_description():
     assert len(rows) > 50 and all(not line.rstrip().endswith("|  |") for line in rows)
     for key in ("train.epochs", "run.seed", "xtail.shots", "xtail.model_config", "eval.profile", "moram"):
         assert f"| `{key}` |" in text
+
+
+# -- what each benchmark reports (hand-computed from a 2-task matrix) ------------------------------
+MATRIX_2 = [[60.0, 10.0],    # after task A: A 60, B (not yet trained) 10
+            [50.0, 70.0]]    # after task B: A forgot 10, B 70
+BASELINE_2 = [5.0, 8.0]
+
+
+def test_trace_summary_names_each_variant():
+    from moram_platform.benchmark import get_benchmark
+
+    summary = get_benchmark("trace").summary(MATRIX_2, BASELINE_2, ["A", "B"])
+    assert summary == pytest.approx({"OP": 60.0, "BWT_signed": -10.0, "BWT_eq10": 10.0,
+                                     "reference_forgetting_magnitude": 5.0,   # (10 + 0) / 2 tasks
+                                     "FWT": 2.0})                             # R[A][B] - b_B = 10 - 8
+
+
+def test_xtail_summary_has_transfer_average_last_and_per_domain_values():
+    from moram_platform.benchmark import get_benchmark
+
+    summary = get_benchmark("xtail").summary(MATRIX_2, BASELINE_2, ["A", "B"])
+    assert summary == pytest.approx({"transfer": 10.0, "average": 47.5, "last": 60.0, "OP": 60.0,
+                                     "BWT_signed": -10.0, "BWT_eq10": 10.0,
+                                     "transfer/B": 10.0, "average/A": 55.0, "average/B": 40.0,
+                                     "last/A": 50.0, "last/B": 70.0})
+
+
+def test_eval_profile_is_the_benchmarks():
+    from moram_platform.benchmark import get_benchmark
+    from moram_platform.trace.evaluate import PROFILES
+
+    trace = get_benchmark("trace")
+    assert trace.eval_profile(config_from_dict({})) == next(iter(PROFILES))
+    named = list(PROFILES)[-1]
+    assert trace.eval_profile(config_from_dict({"eval": {"profile": named}})) == named
+    xtail = config_from_dict({"benchmark": "xtail"})
+    assert get_benchmark("xtail").eval_profile(xtail) == "xtail-union"
