@@ -25,11 +25,11 @@ def smoke_job(tmp_path, trace_root, tracking_uri="sqlite:///unused.db", experime
         "model": {"source": "smollm2", "dtype": "float32"},
         "moram": {"method": "moram", "target_modules": ["q_proj", "v_proj"], "r": 2, "k": 2, "tau": 0.03,
                   "delta": 0.0, "dropout": 0.0, "prune_mass": None},
-        "data": {"root": str(trace_root), "tasks": TASKS, "max_train_examples": 4, "max_eval_examples": 2,
+        "data": {"root": str(trace_root), "tasks": TASKS, "max_train_examples": 2, "max_eval_examples": 2,
                  "max_prompt_tokens": 48, "max_answer_tokens": 4},
-        "train": {"epochs": 1, "lr": 2.0e-3, "global_batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
+        "train": {"epochs": 1, "lr": 2.0e-3, "global_batch_size": 2, "micro_batch_size": 2, "precision": "fp32",
                   "engine": "torch"},
-        "eval": {"max_new_tokens": 2, "batch_size": 2},
+        "eval": {"max_new_tokens": 2, "batch_size": 2, "baseline": False},   # FWT: tests/test_report.py
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.9},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
     }
@@ -94,7 +94,7 @@ def hand_summary(matrix: list[list[float]]) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root, mlflow_server, ray_cluster):
     from moram_platform.cli import main as moram_main
     from moram_platform.report import study_report
@@ -142,11 +142,12 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
             assert std == pytest.approx(statistics.stdev(values), abs=1e-3)
         owns = [recorded[run][1]["routing/own_share_mean"] for run in group.runs]
         assert group.stats["own_routing"][0] == pytest.approx(statistics.fmean(owns))
-        assert "FWT" in group.stats             # the zero-shot row was evaluated (eval.baseline)
+        assert "FWT" not in group.stats         # no zero-shot row (eval.baseline: false)
         expected = [[(a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(*matrices)]
         assert [v for row in group.mean_matrix for v in row] == pytest.approx([v for r in expected for v in r],
                                                                               abs=1e-3)
     text = report.markdown()
+    assert (tmp_path / "report" / "report.md") in report.write(tmp_path / "report")
     assert "| moram | 2 |" in text and "| moelora | 2 |" in text and "BWT_eq10" in text
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "report")}
     assert {"report/report.md", "report/report.csv", "report/metrics.png", "report/matrix_moram.png",

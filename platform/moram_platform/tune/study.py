@@ -217,18 +217,29 @@ def study_trial(values: dict[str, Any], context: StudyContext) -> None:
     """One grid point: its whole sequence (resumed if it was interrupted), reported after each task."""
     from ray import tune
 
-    from ..routing_diagnostics import log_sequence_routing
-    from ..tracking import RUN_ID_TAG, Tracker
-
     point = context.points[values["point"]]
     config = config_from_dict(point.config)
     for index, matrix in _sequence_rows(config, context.study_run):
         row = matrix[-1][: index + 1]
         tune.report({"tasks_done": index + 1, "op_so_far": sum(row) / len(row), "run_id": point.run_id})
+    label_point(context, point)
+
+
+def label_point(context: StudyContext, point: StudyPoint, only_if_missing: bool = False) -> None:
+    """Tag a finished point's sequence run with its grid labels and log its routing diagnostics
+    (also done by the driver for a point finished by an interrupted call that could not)."""
+    from ..routing_diagnostics import log_sequence_routing
+    from ..tracking import KIND_TAG, RUN_ID_TAG, Tracker
+
     tracker = Tracker(context.tracking_uri, context.experiment, point.run_id)
-    run = tracker._find(f"tags.`{RUN_ID_TAG}` = '{point.run_id}' and tags.`moram.kind` = 'sequence'")
+    found = tracker.client.search_runs([tracker.experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+                                       filter_string=f"tags.`{RUN_ID_TAG}` = '{point.run_id}' and "
+                                                     f"tags.`{KIND_TAG}` = 'sequence'")
+    if not found or (only_if_missing and STUDY_TAG in found[0].data.tags):
+        return
+    run = found[0].info.run_id
     tracker.set_tags(run, {STUDY_TAG: context.study, **{LABEL_TAG_PREFIX + k: v for k, v in point.labels.items()}})
-    log_sequence_routing(config, tracker, run)
+    log_sequence_routing(config_from_dict(point.config), tracker, run)
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -295,6 +306,10 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
                              tune.RunConfig(name=tune_name, storage_path=root, verbose=1 if verbose else 0,
                                             failure_config=tune.FailureConfig(max_failures=1))).fit()
             failed = {r.config["point"]: str(r.error).splitlines()[0] for r in results if r.error and r.config}
+        context = StudyContext(name, study_run, tracking_uri, experiment, {p.run_id: p for p in points})
+        for point in points:
+            if point.run_id in finished:
+                label_point(context, point, only_if_missing=True)
         report = study_report(tracking_uri, experiment, name)
         log_study_report(tracker, study_run, report)
     except BaseException:
