@@ -35,6 +35,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("own_routing", "routing/own_share_mean", "share of routing mass on the evaluated task's own atoms "
                                               "(final version; MoRAM and MoE-LoRA)"),
 )
+HEADERS = {"OP": "OP (= AA)"}   # the standard-CL papers call the same number average accuracy (AA)
 # Grid keys that a method's mean is taken over, never grouped by.
 REPEAT_KEYS = ("run.seed", "data.tasks", "run.name")
 STANDARD_CL_4 = frozenset({"dbpedia", "amazon", "yahoo", "agnews"})
@@ -82,7 +83,8 @@ class StudyReport:
         lines = [f"# {self.title}", "",
                  "mean ± std over seeds and orders (sample std; n runs per row); paper numbers in brackets "
                  "where the setting matches (`moram_platform/data/paper_anchors.csv`).", "",
-                 "| method | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+                 "| method | n | " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+                 "|---|---|" + "---|" * len(columns)]
         for g in self.groups:
             n = max((s[2] for s in g.stats.values()), default=0)
             cells = [_cell(g.stats.get(c), g.paper.get(c)) for c in columns]
