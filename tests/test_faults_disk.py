@@ -1,0 +1,59 @@
+"""A local registry on a full disk (a real 2 MB tmpfs): the commit fails with an error that names
+the key and the cause, no partial version or stray temp file is left, and the same commit
+succeeds once space is freed."""
+import errno
+import os
+import subprocess
+
+import pytest
+
+from moram_platform.registry import BaseModelRef, Registry, StorageError
+from moram_platform.testing.shards import synthetic_shard
+
+BASE = BaseModelRef("tiny-llama", "sha256:" + "0" * 64)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(folder) -> None:
+    """Write until the file system refuses (ENOSPC)."""
+    with open(folder / "filler", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+def test_a_commit_on_a_full_disk_fails_cleanly_and_succeeds_after_space_is_freed(small_disk):
+    registry = Registry(small_disk / "registry")
+    registry.commit("run", synthetic_shard("a", 0), base_model=BASE)
+    shard = synthetic_shard("b", 1, width=256)            # ~70 KB: more than is left
+    fill(small_disk)
+
+    with pytest.raises(StorageError, match=r"registry/run/(shards|versions)/[^ ]+: (write|create) failed: "
+                                           r"No space left on device"):
+        registry.commit("run", shard, base_model=BASE)
+    assert registry.versions("run") == [1]                # no partial version
+    leftovers = [p.name for p in (small_disk / "registry").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []                                # no temp file left behind
+    registry.verify("run", 1)
+
+    (small_disk / "filler").unlink()
+    version = registry.commit("run", shard, base_model=BASE)
+    assert version.version == 2 and registry.versions("run") == [1, 2]
+    registry.verify("run", 2)
