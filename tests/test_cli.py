@@ -98,7 +98,7 @@ def test_another_base_model_than_the_runs_is_refused(capsys, tmp_path, tiny_run)
     assert "base model '" + str(tmp_path / "x") + "' is not a local model: " in _error_line(capsys)
 
 
-def test_exit_status_and_no_traceback_from_the_installed_entry_point(tmp_path):
+def test_exit_status_and_no_traceback_in_a_fresh_process(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("[1, 2]\n")
     done = subprocess.run([sys.executable, "-m", "moram_platform.cli", "generate", "--run", "r", "--input",

@@ -19,6 +19,7 @@ from moram_platform.serving import _prompts, log_memory_model
 PROMPTS = ["What is the capital of France?", "Name a colour."]
 MAX_NEW_TOKENS = 4
 READY_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 300   # the server's default (60 s) is too short on a loaded 2-core machine
 
 
 def _free_port() -> int:
@@ -30,7 +31,7 @@ def _free_port() -> int:
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S + 30) as response:
         return json.loads(response.read())
 
 
@@ -73,7 +74,7 @@ def test_served_version_answers_like_local_generation(trained_memory, mlflow_ser
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+             "-h", "127.0.0.1", "-p", str(port), "-w", "1", "-t", str(REQUEST_TIMEOUT_S)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
