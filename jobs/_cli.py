@@ -80,6 +80,12 @@ def run(config, args) -> int:
             print(f"error: {failed}\nnothing partial was committed (versions are create-only): once the storage "
                   f"is back, rerun the same command to resume. Full log: {_shown(log_file)}", file=sys.stderr)
             return 1
+        tracking = _mlflow_failure(error)    # MLflow down: stop cleanly, the registry keeps the work
+        if tracking is not None and not isinstance(error, KeyboardInterrupt):
+            print(f"error: MLflow at {_without_userinfo(config.tracking_uri())} failed: {tracking}\nthe registry "
+                  f"keeps every committed task: once MLflow is back, rerun the same command; it fills in what "
+                  f"MLflow missed. Full log: {_shown(log_file)}", file=sys.stderr)
+            return 1
         print(f"the job failed; its full log: {_shown(log_file)}", file=sys.stderr)
         raise
     print(f"\n== {result.run_id} ==")
@@ -104,6 +110,22 @@ def start_ray(console) -> None:
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
     console.reclaim_ray_logger()
+
+
+def _mlflow_failure(error: BaseException) -> str | None:
+    """The first line of the MLflow error behind ``error``, if MLflow is what failed."""
+    from mlflow.exceptions import MlflowException
+    from moram_platform.registry.errors import find_cause
+
+    found = find_cause(error, MlflowException)
+    return _without_userinfo(str(getattr(found, "message", found)).splitlines()[0]) if found is not None else None
+
+
+def _without_userinfo(text: str) -> str:
+    """``text`` with any user:password@ of a URL masked (a tracking URI may carry basic auth)."""
+    import re
+
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
 
 
 def _print_row(tasks: list[str]):

@@ -237,3 +237,54 @@ def test_no_credential_in_anything_the_runs_wrote(setup, s3_server, mlflow_serve
         scanned["runs"] += 1
     assert scanned["objects"] > 0 and scanned["runs"] >= 3 and scanned["files"] > 0
     print(f"no credential in {scanned}")
+
+
+def test_mlflow_dies_mid_run_the_job_stops_cleanly_and_the_rerun_fills_in(tmp_path, s3_server, tiny_lm_dir,
+                                                                          trace_root):
+    """The choice: MLflow down stops the job (a run tracked with holes would look complete); the
+    registry keeps what was committed, and the rerun logs what MLflow missed, in the same runs."""
+    from moram_platform.stack.mlflow_server import MlflowServer
+
+    bucket = s3_server.create_bucket("mlflow-faults")
+    server = MlflowServer(tmp_path / "mlflow", artifacts=f"s3://{bucket}/artifacts")
+    environment = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url}
+    server.start(env=environment)
+    try:
+        name = uuid.uuid4().hex[:8]
+        config = write_config(tmp_path, tiny_lm_dir, trace_root, server, name)
+        registry = Registry(f"s3://moram-tests/faults-{name}")
+        run, log = "mlflow-outage", tmp_path / "mlflow-outage.log"
+        impatient = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        with open(log, "ab") as handle:
+            first = subprocess.Popen(job(config, run), stdout=handle, stderr=subprocess.STDOUT, env=impatient,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 900
+        while registry.versions(run) != [1]:     # task 1 committed; its MLflow logging comes after evaluation
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        server.stop()
+        returncode = first.wait(timeout=900)
+        output = log.read_text()
+        assert returncode == 1, output[-4000:]
+        assert f"error: MLflow at {server.uri} failed" in output and "fills in what MLflow missed" in output
+        assert registry.versions(run) == [1]
+        manifest_1 = registry.storage.read(manifest_key(run, 1))
+
+        server.start(env=environment)           # same port, same database
+        with open(log, "ab") as handle:
+            done = subprocess.run(job(config, run), stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
+        assert done.returncode == 0, log.read_text()[-4000:]
+        assert registry.versions(run) == [1, 2]
+        assert registry.storage.read(manifest_key(run, 1)) == manifest_1               # task 1 not retrained
+        assert mlflow_runs(server, f"faults-{name}", run) == finished_runs(run)         # the same runs, no duplicates
+        client = MlflowClient(server.uri)
+        for found in client.search_runs([client.get_experiment_by_name(f"faults-{name}").experiment_id]):
+            if found.info.run_name == "task-0-C-STANCE":                                # what MLflow missed
+                assert "task_score" in found.data.metrics and "eval/FOMC" in found.data.metrics
+                assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"plots", "shard"}
+            if found.info.run_name == run:
+                assert "OP" in found.data.metrics
+                assert {"accuracy_matrix.csv", "resolved_config.yaml"} <= {
+                    a.path for a in client.list_artifacts(found.info.run_id)}
+    finally:
+        server.stop()

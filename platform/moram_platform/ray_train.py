@@ -69,12 +69,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if checkpoint is not None:
         metrics["resumed_from_step"] = result.resumed_from_step
     if world.is_chief:
+        if logger is not None:  # before the commit: an MLflow failure must not fail a committed task's worker
+            logger.flush()
         model_id, revision = loop["base_model"]
         version = ray.get(registry.commit.remote(result.shard, base_model=BaseModelRef(model_id, revision),
                                                  metrics=metrics))
         metrics["version"] = version.version
-        if logger is not None:
-            logger.flush()
     ray.train.report(metrics)
 
 

@@ -53,6 +53,12 @@ class LeaseLostError(RegistryError):
 def find_storage_error(error: BaseException) -> StorageError | None:
     """The StorageError behind ``error``, wherever Ray wrapped it (a remote task's error, a Ray
     Train worker's failure), else None: a job reports it as one line that names the key."""
+    return find_cause(error, StorageError)
+
+
+def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s causes and contexts, looking inside
+    Ray's wrappers (RayTaskError.cause, Ray Train's worker and controller failures)."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
     while pending:
@@ -61,8 +67,8 @@ def find_storage_error(error: BaseException) -> StorageError | None:
             continue
         seen.add(id(current))
         cause = getattr(current, "cause", None)   # a RayTaskError's original exception (its str is the traceback)
-        if isinstance(current, StorageError):
-            return cause if isinstance(cause, StorageError) else current
+        if isinstance(current, kind):
+            return cause if isinstance(cause, kind) else current
         pending += [current.__cause__, current.__context__, cause, getattr(current, "_base_exc", None),
                     getattr(current, "controller_failure", None),
                     *getattr(current, "worker_failures", {}).values()]
