@@ -145,7 +145,7 @@ class MoRAMModel(nn.Module):
     def set_routing(self, k: int | None = None, tau: float | None = None, delta: float | None = None) -> None:
         """Change k, τ or δ of every layer in place (δ acts in eval mode only)."""
         changes = {key: value for key, value in {"k": k, "tau": tau, "delta": delta}.items() if value is not None}
-        self.moram_config.replace(**changes)  # validates the new values
+        self.moram_config = self.moram_config.replace(**changes)  # validated; saved configs show it
         for layer in self.moram_layers.values():
             for key, value in changes.items():
                 setattr(layer, key, value)
@@ -244,6 +244,29 @@ class MoRAMModel(nn.Module):
         path = Path(path)
         path.write_bytes(self.export_shard())
         return path
+
+    def save_pretrained(self, save_directory: str | Path, **options) -> Path:
+        """PEFT-style: write only the atoms (one safetensors shard per task) and a small JSON
+        config, never the base weights (see ``moram.pretrained.save_pretrained`` for options).
+        Hugging Face's own keywords (``state_dict``, ``safe_serialization``, ...) are refused
+        rather than silently writing the base model: call ``model.model.save_pretrained(...)``
+        for that, explicitly."""
+        from .pretrained import save_pretrained
+
+        unknown = sorted(set(options) - {"shards", "base_model_id", "base_model_revision"})
+        if unknown:
+            raise TypeError(f"MoRAMModel.save_pretrained writes only the atoms; unexpected {unknown}. "
+                            "To save the base model's weights, call model.model.save_pretrained(...) explicitly")
+        return save_pretrained(self, save_directory, **options)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, source, **views) -> "MoRAMModel":
+        """``base_model`` wrapped with the atoms of ``source`` (a ``save_pretrained`` folder, a
+        ``moram-registry export`` folder or a memory source such as the platform's
+        ``RegistrySpec``), in eval mode; ``delta=`` / ``prune_mass=`` are load-time views."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(base_model, source, **views)
 
     @torch.no_grad()
     def load_shards(self, shards: Iterable[Shard | bytes | str | Path], prune_mass: float | None = None) -> None:

@@ -157,3 +157,32 @@ def test_real_smollm2_memory_round_trips_through_registry_and_folder(trained_mem
     with torch.no_grad():
         plain = base(**tokens).logits[0, -1]
     assert (plain - trained_memory.logits).abs().max() > 1e-3          # the memory does change the model
+
+
+def test_model_methods_save_only_atoms_reload_and_refuse_base_weight_keywords(tmp_path):
+    """PEFT habits on the model itself: model.save_pretrained / MoRAMModel.from_pretrained, and
+    Hugging Face's keywords never turn a save into a silent multi-GB base-weight dump."""
+    from moram import MoRAMModel
+
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, k=2, dropout=0.0))
+    _train(model, "first")
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["moram_config.json", "task-000.safetensors"]
+    with pytest.raises(TypeError, match=r"writes only the atoms; unexpected \['safe_serialization'\]"):
+        model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert not (tmp_path / "hf").exists()
+
+    reloaded = MoRAMModel.from_pretrained(tiny_llama(), folder, delta=0.5)
+    assert reloaded.moram_config.delta == 0.5 and reloaded.task_names == ["first"]
+    assert reloaded.config is reloaded.model.config            # the Hugging Face config, for generate/pipelines
+    model.set_routing(delta=0.5)
+    assert torch.equal(_logits(reloaded), _logits(model))     # the same atoms under the same δ view
+
+
+def test_set_routing_updates_the_stored_config(tmp_path):
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, k=2, dropout=0.0))
+    _train(model, "first")
+    model.set_routing(delta=0.4, k=3)
+    assert (model.moram_config.delta, model.moram_config.k) == (0.4, 3)
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert json.loads((folder / CONFIG_FILE).read_text())["moram_config"]["delta"] == 0.4
