@@ -244,3 +244,12 @@ def test_eval_profile_is_the_benchmarks():
     assert trace.eval_profile(config_from_dict({"eval": {"profile": named}})) == named
     xtail = config_from_dict({"benchmark": "xtail"})
     assert get_benchmark("xtail").eval_profile(xtail) == "xtail-union"
+
+
+def test_cluster_storage_goes_to_run_storage_path_not_output_dir():
+    """Ray Train's shared checkpoint storage is its own key; the run folder stays local."""
+    config = config_from_dict({"run": {"storage_path": "s3://moram/runs", "output_dir": "out"}}).with_absolute_paths()
+    assert config.run.storage_path == "s3://moram/runs"
+    assert "://" not in config.run.output_dir
+    with pytest.raises(ConfigError, match=r"run.output_dir: must be a local folder.*run.storage_path=s3://"):
+        config_from_dict({"run": {"output_dir": "s3://moram/runs"}})

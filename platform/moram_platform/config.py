@@ -51,10 +51,14 @@ class RunSection(Section):
     seed: AtLeastZero = Field(42, description="seeds data order, model initialisation and each task's fresh atoms "
                                               "(moram.seed, unless set explicitly)")
     output_dir: Annotated[NonEmptyStr, rule(lambda v: "://" not in v,
-                                            "must be a local folder (the embedded registry, MLflow database and Ray "
-                                            "storage live there); for shared storage set registry.uri=s3://... and "
-                                            "mlflow.tracking_uri")] = Field(
-        "moram_runs", description="local folder of the embedded defaults (registry, MLflow database, Ray storage)")
+                                            "must be a local folder (the embedded registry, MLflow database and logs "
+                                            "live there); for shared storage set run.storage_path=s3://..., "
+                                            "registry.uri=s3://... and mlflow.tracking_uri")] = Field(
+        "moram_runs", description="local folder of the embedded defaults (registry, MLflow database, logs, Ray "
+                                  "storage unless run.storage_path is set)")
+    storage_path: NonEmptyStr | None = Field(
+        None, description="Ray Train's checkpoint storage, reachable from every node on a cluster: s3://bucket/prefix "
+                          "or a shared folder (default <run.output_dir>/ray_train)")
 
 
 class ModelSection(Section):
@@ -224,6 +228,8 @@ class JobConfig(Section):
         config = self.model_copy(deep=True)
         config.data.root = absolute(config.data.root)
         config.run.output_dir = absolute(config.run.output_dir)
+        if config.run.storage_path:
+            config.run.storage_path = absolute(config.run.storage_path)
         config.registry.uri = absolute(config.registry.uri) if config.registry.uri else config.registry_uri()
         if config.model.cache_dir:
             config.model.cache_dir = absolute(config.model.cache_dir)

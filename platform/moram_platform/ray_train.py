@@ -127,8 +127,7 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    storage = Path(config.run.output_dir).resolve() / "ray_train" if "://" not in config.run.output_dir \
-        else f"{config.run.output_dir.rstrip('/')}/ray_train"
+    storage = config.run.storage_path or str(Path(config.run.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
