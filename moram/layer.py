@@ -363,7 +363,7 @@ class MoRAMLayer(nn.Module):
         """MoRAM: Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those."""
         delta = None if self.training else self.delta                # Eq. 8 acts at inference only
         routed = kernels.fused_route_topk(h, self.k, self.tau, delta, self.config.eps,
-                                          return_weights=self.collect_stats)
+                                          return_weights=self.collect_stats, ascending=False)
         coef, idx = routed[0], routed[1]
         if self.collect_stats:
             self._accumulate_kept(idx, routed[2], h.shape[-1], x)
@@ -371,7 +371,7 @@ class MoRAMLayer(nn.Module):
         if n_atoms >= kernels.SPARSE_MIN_ATOMS_PER_K * k_eff:
             return kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
         # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept
-        # coefficients are already every atom's, in order (indices ascend).
+        # coefficients are already every atom's, in order (indices 0..R-1).
         mixed = coef if k_eff == n_atoms else coef.new_zeros(h.shape).scatter_add(-1, idx, coef)
         return self._dense_value(mixed, n_frozen, current_B)
 

@@ -58,18 +58,23 @@ def fused_route_mix(
 
 def route_topk_reference(
     h: torch.Tensor, k: int, tau: float, delta: float | None = None, eps: float = MF.DEFAULT_EPS,
-    *, return_weights: bool = False,
+    *, return_weights: bool = False, ascending: bool = True,
 ):
     """Eqs. 5-8 in compact form, in PyTorch. The softmax over the k_eff kept scores equals
     route()'s softmax over the -inf-masked vector, and s = h / max(||h||, eps) scales a row by
     one positive number, so the top-k of h is the top-k of s: only the kept scores are divided.
-    Indices ascending, as the kernel writes them."""
+    Indices ascending, as the kernel writes them (``ascending=False``: in any order, which saves
+    a sort; with k_eff = R they are 0..R-1 either way)."""
     k_eff = MF.effective_k(k, h.shape[-1])
     wide = h.to(torch.promote_types(h.dtype, torch.float32))
     denom = wide.norm(dim=-1, keepdim=True).clamp_min(eps)             # Eq. 5, for the kept only
-    _, kept = h.topk(k_eff, dim=-1, sorted=False)                       # Eq. 6
-    kept = kept.sort(dim=-1).values
-    h_kept = h.gather(-1, kept)
+    if k_eff == h.shape[-1]:                                            # every atom is kept
+        kept, h_kept = torch.arange(k_eff, device=h.device).expand(h.shape), h
+    else:
+        _, kept = h.topk(k_eff, dim=-1, sorted=False)                   # Eq. 6
+        if ascending:
+            kept = kept.sort(dim=-1).values
+        h_kept = h.gather(-1, kept)
     s_kept = h_kept.to(wide.dtype) / denom
     w = torch.softmax(s_kept / tau, dim=-1)                             # Eq. 7
     if delta is not None and delta > 0:
@@ -88,18 +93,20 @@ def fused_route_topk(
     *,
     backend: str = "auto",
     return_weights: bool = False,
+    ascending: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """The kept mixed coefficients (w ⊙ h)[kept] [..., k_eff] (differentiable in h) and their
     atom indices [..., k_eff] (int64, ascending): the input of sparse_value().
 
     ``return_weights`` adds the kept weights w[kept] [..., k_eff] (detached); an atom's activation
     mass is then ``zeros(R).index_add_(0, idx.flatten(), w.flatten())``.
-    With R = 0 all are empty ([..., 0])."""
+    With R = 0 all are empty ([..., 0]). ``ascending=False`` lets the PyTorch path skip sorting
+    the indices (the kernel writes them ascending anyway; with k_eff = R they are 0..R-1)."""
     if h.shape[-1] == 0:
         idx = torch.zeros(h.shape, dtype=torch.int64, device=h.device)
         return (h, idx, h.detach()) if return_weights else (h, idx)
     if not _use_triton(h, backend) or h.numel() == 0:
-        return route_topk_reference(h, k, tau, delta, eps, return_weights=return_weights)
+        return route_topk_reference(h, k, tau, delta, eps, return_weights=return_weights, ascending=ascending)
     k_eff = MF.effective_k(k, h.shape[-1])
     outputs = routing_triton.TritonRouteMix.apply(_as_rows(h), k_eff, tau, delta, eps, True, return_weights)
     shape = (*h.shape[:-1], k_eff)
