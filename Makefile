@@ -1,8 +1,11 @@
 # The commands of a fresh machine; each works on its own.
 #   make quickstart   installs what running needs, then runs a short TRACE sequence on the embedded
 #                     defaults (local Ray, local registry, local MLflow; CPU)
-#   make test         installs the test extras too (when missing), then runs the whole suite
-#   make test-fast    the same, without the tests marked slow
+#   make test         installs the test extras too (when missing), then runs the suite (what CI runs)
+#                     without the end-to-end drills marked `long`
+#   make test-fast    the core, configs and registry: without the tests marked slow
+#   make test-long    only the end-to-end drills (fault injection, quickstart, study, serving...)
+#   make test-all     everything
 # Another torch build (CPU-only, another CUDA):  make quickstart TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # A torch you installed into $(VENV) yourself is kept:  make quickstart TORCH=
 PYTHON ?= python3
@@ -20,7 +23,7 @@ RUN_STAMP := $(VENV)/.moram-installed
 TEST_STAMP := $(VENV)/.moram-test-installed
 PINNED := $(VENV)/torch-constraints.txt
 
-.PHONY: install install-test quickstart test test-fast
+.PHONY: install install-test quickstart test test-fast test-long test-all
 
 install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)
@@ -46,7 +49,13 @@ quickstart: $(RUN_STAMP)
 	$(PY) jobs/trace.py --config $(QUICKSTART) --set data.root=$(TRACE_DATA)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-long: $(TEST_STAMP)
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
+
+test-all: $(TEST_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)

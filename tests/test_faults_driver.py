@@ -24,7 +24,7 @@ from moram_platform.registry.lease import latest_lease
 from fixtures.paths import PROJECT_ROOT
 from fixtures.tiny_lm import tiny_trace_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(2400)]
 TASKS = ["C-STANCE", "FOMC"]
 STEPS = 12   # 48 examples / batch 4, a checkpoint after every step: a wide window to kill in
 setup_started = [time.time()]   # when this module's first job started (Ray sessions after it are ours)

@@ -9,7 +9,7 @@ import pytest
 
 from fixtures.paths import PROJECT_ROOT, TRACE_500
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1800)]
 
 CONFIG = PROJECT_ROOT / "jobs" / "configs" / "trace" / "smollm2-135m_moram_quickstart.yaml"
 LINE_BUDGET = 60

@@ -60,6 +60,7 @@ def test_prompts_from_what_the_scoring_server_hands_over():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_served_version_answers_like_local_generation(trained_memory, mlflow_server, tmp_path):
     spec = RegistrySpec(str(trained_memory.registry_root), RUN, 1)
     info = log_memory_model(spec, tracking_uri=mlflow_server.uri, experiment="serving-test",

@@ -94,6 +94,7 @@ def hand_summary(matrix: list[list[float]]) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root, mlflow_server, ray_cluster):
     from moram_platform.cli import main as moram_main

@@ -95,3 +95,16 @@ def test_lost_worker_resumes_from_its_last_checkpoint(tmp_path, s3_server, mlflo
     version = Registry(config.registry_uri()).version(result.run_id, 1)
     assert version.metrics["resumed_from_step"] == 1
     assert version.metrics["train_steps"] == 3
+
+
+def test_worker_lost_after_its_commit_does_not_retrain_the_task(tmp_path, s3_server, mlflow_server, ray_cluster,
+                                                               monkeypatch):
+    # The chief commits version 1, then dies before reporting; Ray Train restarts the group, which
+    # finds the task committed and reports it instead of training it again (a second commit of
+    # the retrained task would conflict with the first: other wall time, resumed_from_step).
+    config = job_config(tmp_path, mlflow_server, "data.tasks=[FOMC]", "data.max_train_examples=8",
+                        "scaling.num_workers=1", "eval.baseline=false")
+    monkeypatch.setenv("MORAM_FAULT_AT_STEP", "commit")
+    result = run_sequence(config, progress=False)
+    version = Registry(config.registry_uri()).version(result.run_id, 1)
+    assert result.versions == [1] and "resumed_from_step" not in version.metrics

@@ -122,6 +122,7 @@ def test_text_padding_counts_in_no_activation_statistic(xtail_image_domains, tmp
 
 
 # -- learning, through train_task ----------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # ~40 s on an idle 2-core CPU; 10+ min when the machine is shared
 def test_training_a_domain_lifts_its_accuracy_well_above_the_start(xtail_image_domains, tmp_path):
     # measured: 14.8 % -> 41.2 % (the official scale 1 and loss reduction; 150 steps of at most 64 images)
@@ -200,6 +201,7 @@ def sequence(xtail_image_domains, tmp_path_factory):
             "results": results, "shards": shards, "matrix": matrix}
 
 
+@pytest.mark.long
 @pytest.mark.timeout(2400)  # runs the module's sequence fixture: 3 domains trained and scored 4 times
 def test_sequence_matrix_is_every_domain_after_every_task(sequence):
     matrix, zero_shot, results = sequence["matrix"], sequence["zero_shot"], sequence["results"]
@@ -213,6 +215,7 @@ def test_sequence_matrix_is_every_domain_after_every_task(sequence):
     assert [len(r.progress.losses) for r in results] == [100, 100, 100]
 
 
+@pytest.mark.long
 def test_every_row_is_reproduced_from_the_shards_of_that_version(sequence, xtail_image_domains):
     """base + shards[:i] (a registry version), loaded and scored by the building blocks on their
     own, scores exactly row i: old atoms stay frozen, and both evaluations agree."""
@@ -228,6 +231,7 @@ def test_every_row_is_reproduced_from_the_shards_of_that_version(sequence, xtail
     assert set(fresh.atom_counts().values()) == {3 * 16}  # no pruning: 16 atoms per task and layer
 
 
+@pytest.mark.long
 def test_transfer_average_last_follow_the_matrix(sequence):
     R = sequence["matrix"]
     # DESIGN.md: Transfer = mean over columns j>1 of mean_{i<j} R[i][j]; Average = mean of all

@@ -23,7 +23,8 @@ from .registry.actor import get_registry_actor
 from .training import Progress, World, steps_per_task, train_task
 
 # Fault injection for tests and drills, read by the driver: the chief worker dies at this
-# optimizer step on its first attempt (no checkpoint restored yet), like a preempted node.
+# optimizer step on its first attempt (no checkpoint restored yet), like a preempted node;
+# "commit": it dies right after committing the task's version, before reporting.
 FAULT_ENV = "MORAM_FAULT_AT_STEP"
 
 
@@ -35,10 +36,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                   device=ray.train.torch.get_device())
     registry = get_registry_actor(loop["registry_uri"], loop["run_id"])
     parent = loop["parent_version"]
+    if loop["task_index"] + 1 in ray.get(registry.versions.remote()):
+        # A worker group restarted after the chief committed (e.g. it failed in its last report):
+        # the task is done; training it again could only conflict with the committed version.
+        ray.train.report({"version": loop["task_index"] + 1, "already_committed": 1})
+        return
     shards = ray.get(registry.read_shards.remote(parent)) if parent else []
     logger = _StepLogger(loop.get("tracking_uri"), loop.get("mlflow_run_id")) if world.is_chief else None
     checkpoint = ray.train.get_checkpoint()
-    fault_step = int(loop.get("fault_at_step") or 0) if checkpoint is None else 0
+    fault = loop.get("fault_at_step") or "0"
+    fault_after_commit = fault == "commit" and checkpoint is None
+    fault_step = int(fault) if fault.isdigit() and checkpoint is None else 0
     bar = _training_bar(config, benchmark, loop["task_index"], world) if loop["progress"] and world.is_chief else None
 
     def on_step(progress: Progress) -> None:
@@ -75,6 +83,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         version = ray.get(registry.commit.remote(result.shard, base_model=BaseModelRef(model_id, revision),
                                                  metrics=metrics))
         metrics["version"] = version.version
+        if fault_after_commit:
+            os._exit(1)  # committed, then lost before reporting: the restarted group must not retrain
     ray.train.report(metrics)
 
 
