@@ -107,14 +107,23 @@ class JobConsole:
     def _worker_filter(self, print_to_terminal):
         from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
+        # Ray redraws a worker's bar with tqdm on the driver; into a pipe or a file every redraw
+        # becomes new lines (~190 for the quickstart), so there a bar is one line when it ends.
+        plain_bars = None if sys.stderr.isatty() else _PlainBars()
+
         def handle(data: dict) -> None:
             lines = data.get("lines", [])
             if data.get("pid") == "autoscaler":  # its periodic status report: events only, as Ray does
                 lines = [line for line in lines if ":event_summary:" in line or "Warning" in line or "Error" in line]
-            shown = [line for line in lines if RAY_TQDM_MAGIC in line or _ALARM.search(line)]
+            bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+            shown = [line for line in lines if _ALARM.search(line) and RAY_TQDM_MAGIC not in line]
             quiet = [line for line in lines if RAY_TQDM_MAGIC not in line]
             if quiet:
                 self._write_raw(data, quiet)
+            if plain_bars is None:
+                shown = bars + shown
+            else:
+                plain_bars.update(bars)
             if shown:
                 print_to_terminal({**data, "lines": shown})
 
@@ -126,6 +135,32 @@ class JobConsole:
         who = data.get("actor_name") or data.get("task_name") or "worker"
         prefix = f"({who} pid={data.get('pid')}) "
         self._file_handler.write_lines(prefix + line for line in lines)
+
+
+class _PlainBars:
+    """Worker progress bars for a terminal that is not a TTY: one line per bar, when it closes."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self.started: dict[str, float] = {}
+
+    def update(self, lines: list[str]) -> None:
+        import json
+        import time
+
+        for line in lines:
+            try:
+                state = json.loads(line)
+            except ValueError:
+                continue
+            uuid = state.get("uuid")
+            self.started.setdefault(uuid, time.monotonic())
+            if state.get("closed"):
+                seconds = time.monotonic() - self.started.pop(uuid)
+                total = state.get("total")
+                done = f"{state.get('x', 0)}/{total}" if total else str(state.get("x", 0))
+                print(f"{state.get('desc', '')}: {done} {state.get('unit', 'it')} in {seconds:.0f} s",
+                      file=self.stream or sys.stderr, flush=True)
 
 
 class _OwnOrSevere(logging.Filter):
