@@ -151,6 +151,27 @@ class MoRAMModel(nn.Module):
                 setattr(layer, key, value)
 
     @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT-style: inside the block the model is the base model (no atom contributes, frozen
+        or current), in train and eval mode; nothing is changed: weights, routing knobs and
+        statistics are as before, and the atoms are back on exit, even if the block raises.
+
+            with model.disable_adapter():
+                base_logits = model(input_ids=ids).logits
+        """
+        # Each layer's forward is shadowed by its base module's for the block: the base output,
+        # bit for bit, and no side effect of MoRAMLayer.forward (statistics, "trained" flag).
+        # A layer already shadowed (a nested block) is left to the block that shadowed it.
+        shadowed = [layer for layer in self.moram_layers.values() if "forward" not in layer.__dict__]
+        for layer in shadowed:
+            layer.forward = layer.base.forward
+        try:
+            yield
+        finally:
+            for layer in shadowed:
+                del layer.forward
+
+    @contextlib.contextmanager
     def collect_activation_stats(self) -> Iterator[None]:
         """Accumulate per-atom activation mass (Σ_tokens w_i) over the forwards inside the block,
         e.g. an eval pass over a task's data; padding tokens are excluded via attention_mask."""

@@ -186,3 +186,41 @@ def test_set_routing_updates_the_stored_config(tmp_path):
     assert (model.moram_config.delta, model.moram_config.k) == (0.4, 3)
     folder = model.save_pretrained(tmp_path / "saved")
     assert json.loads((folder / CONFIG_FILE).read_text())["moram_config"]["delta"] == 0.4
+
+
+def test_disable_adapter_is_the_base_model_inside_and_changes_nothing():
+    """PEFT's ``with model.disable_adapter():`` -- the base model's exact logits inside (frozen and
+    current atoms off, train and eval mode), the memory's own outputs after, even after a raise;
+    no weight, routing knob or statistic is touched by the forwards inside."""
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=2, k=2, dropout=0.1))
+    _train(model, "first")
+    model.begin_task("second")                      # an open task: its current atoms are untrained
+    base = tiny_llama()                             # the same weights, never wrapped
+
+    def logits(m):
+        torch.manual_seed(0)                        # the atom branch's dropout draws the same mask
+        return m(input_ids=TOKENS).logits
+
+    for training in (True, False):
+        model.train(training), base.train(training)
+        with torch.no_grad():
+            memory = logits(model)
+        assert not torch.equal(memory, logits(base).detach())     # the atoms do change the model
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        stats = model.activation_stats()
+        with model.disable_adapter():
+            inside = logits(model)                  # with grad, as a training step would run it
+            with model.disable_adapter():           # nested: still the base model, and restored once
+                assert torch.equal(logits(model), inside)
+        assert torch.equal(inside, logits(base))
+        assert all(not layer.current_trained for layer in model.moram_layers.values())
+        assert all(torch.equal(stats[name], mass) for name, mass in model.activation_stats().items())
+        assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(logits(model), memory)
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.disable_adapter():
+            raise RuntimeError("raised inside")
+    with torch.no_grad():
+        assert torch.equal(logits(model), memory)  # eval mode, atoms back after the raise
