@@ -147,7 +147,9 @@ class EvalSection(Section):
     profile: NonEmptyStr | None = Field(None, description="the evaluation profile, one the benchmark defines (TRACE: "
                                                           "moram_platform.trace.evaluate.PROFILES); null: the "
                                                           "benchmark's default")
-    max_new_tokens: AtLeastOne = Field(64, description="generation budget per answer")
+    max_new_tokens: AtLeastOne = Field(512, description="generation budget per answer (the official runners' "
+                                                         "--max_ans_len; a batch stops once every row has "
+                                                         "produced EOS)")
     batch_size: AtLeastOne = Field(8, description="evaluation batch size")
     baseline: Bool = Field(True, description="also evaluate the base model (version 0): the zero-shot row, for "
                                              "FWT")
