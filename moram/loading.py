@@ -3,6 +3,7 @@
     model, tokenizer = load_causal_lm(smollm2_path())            # the packaged SmolLM2-135M
     model, tokenizer = load_causal_lm("/models/llama-3-8b")      # any HF folder
     model, tokenizer = load_causal_lm("gemma-3-270m-q4_k_m.gguf")
+    model, tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-135M")  # a hub id, from the local HF cache
 
 GGUF weights are dequantised by transformers on every load (seconds to minutes); pass
 ``cache_dir`` to save them once as a plain safetensors folder and load that afterwards.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,9 +35,37 @@ def smollm2_path() -> Path:
     return path
 
 
+# "org/name" or "org/name@revision", as the Hugging Face hub spells a model repository.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
+# What a model needs from a hub repository (not its ONNX, GGUF or TF copies).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """The local folder of a hub model ``org/name[@revision]``: its snapshot in the Hugging Face
+    cache (``HF_HOME``/``HF_HUB_CACHE``). Downloaded only when the hub is allowed (``HF_HUB_OFFLINE``
+    unset) and the cache lacks it -- the jobs and CI run offline."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = model_id.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"model source {model_id!r}: not a local path, and not in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE} (download it there with `hf download {repo_id}`, point HF_HOME at "
+                f"a cache that has it, or unset HF_HUB_OFFLINE to let the job download it)") from None
+    return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_FILES))
+
+
 def resolve_model_source(source: str | os.PathLike) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for a folder, a .gguf file, or a folder holding one GGUF."""
+    """(folder, gguf file name or None) for a folder, a .gguf file, a folder holding one GGUF, or a
+    hub id ``org/name[@revision]`` that is not a local path (resolved through the HF cache)."""
     path = Path(source).expanduser()
+    if not path.exists() and _HUB_ID.match(str(source)):
+        path = hub_snapshot(str(source))
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if path.is_dir():

@@ -63,7 +63,8 @@ class RunSection(Section):
 
 class ModelSection(Section):
     source: NonEmptyStr = Field("smollm2", description="the base model: 'smollm2' (the packaged SmolLM2-135M), a "
-                                                       "model folder or a .gguf file; X-TAIL: an open_clip model name "
+                                                       "model folder, a .gguf file or a Hugging Face hub id org/name[@revision] (read from the "
+                                                       "local HF cache); X-TAIL: an open_clip model name "
                                                        "or local-dir:<folder>")
     id: NonEmptyStr | None = Field(None, description="name recorded in the registry (default: derived from "
                                                      "model.source)")
