@@ -5,6 +5,7 @@ restarted by Ray Train (FailureConfig) from the last checkpoint it reported.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -20,12 +21,13 @@ from .benchmark import get_benchmark
 from .config import JobConfig, config_from_dict
 from .registry import BaseModelRef
 from .registry.actor import get_registry_actor
-from .training import Progress, World, steps_per_task, train_task
+from .training import Progress, World, carry_folders, steps_per_task, train_task
 
 # Fault injection for tests and drills, read by the driver: the chief worker dies at this
 # optimizer step on its first attempt (no checkpoint restored yet), like a preempted node;
 # "commit": it dies right after committing the task's version, before reporting.
 FAULT_ENV = "MORAM_FAULT_AT_STEP"
+LOSS_CURVE = "train_loss_per_step"   # in a version's metrics: [loss of step 1, step 2, ...]
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -42,7 +44,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         ray.train.report({"version": loop["task_index"] + 1, "already_committed": 1})
         return
     shards = ray.get(registry.read_shards.remote(parent)) if parent else []
-    logger = _StepLogger(loop.get("tracking_uri"), loop.get("mlflow_run_id")) if world.is_chief else None
     checkpoint = ray.train.get_checkpoint()
     fault = loop.get("fault_at_step") or "0"
     fault_after_commit = fault == "commit" and checkpoint is None
@@ -50,8 +51,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     bar = _training_bar(config, benchmark, loop["task_index"], world) if loop["progress"] and world.is_chief else None
 
     def on_step(progress: Progress) -> None:
-        if logger is not None:
-            logger.log(progress)
         if bar is not None:
             bar.n = progress.step
             bar.set_description(f"{bar.label} loss {progress.losses[-1]:.3f}")
@@ -67,21 +66,23 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             result = train_task(config, benchmark, loop["task_index"], shards, world, checkpoint_dir=folder,
-                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False)
+                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False,
+                                **carry_folders(config, loop["run_id"], loop["task_index"]))
     else:
         result = train_task(config, benchmark, loop["task_index"], shards, world,
-                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False)
+                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False,
+                            **carry_folders(config, loop["run_id"], loop["task_index"]))
     if bar is not None:
         bar.close()
     metrics = result.metrics()
     if checkpoint is not None:
         metrics["resumed_from_step"] = result.resumed_from_step
     if world.is_chief:
-        if logger is not None:  # before the commit: an MLflow failure must not fail a committed task's worker
-            logger.flush()
         model_id, revision = loop["base_model"]
+        # The loss curve goes with the version: the driver logs it to MLflow from there (workers
+        # never talk to MLflow), also on a rerun after a driver lost between commit and logging.
         version = ray.get(registry.commit.remote(result.shard, base_model=BaseModelRef(model_id, revision),
-                                                 metrics=metrics))
+                                                 metrics={**metrics, LOSS_CURVE: _json_losses(result.progress)}))
         metrics["version"] = version.version
         if fault_after_commit:
             os._exit(1)  # committed, then lost before reporting: the restarted group must not retrain
@@ -100,38 +101,13 @@ def _training_bar(config, benchmark, task_index: int, world: World):
     return bar
 
 
-class _StepLogger:
-    """Streams the training loss of the chief worker into the task's MLflow run, in batches."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, every: int = 10):
-        self.run_id, self.every, self.pending = run_id, every, []
-        self.client = None
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-
-    def log(self, progress: Progress) -> None:
-        if self.client is None:
-            return
-        self.pending.append((progress.step, progress.losses[-1]))
-        if len(self.pending) >= self.every:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.client is None or not self.pending:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric("train_loss", v, now, s) for s, v in self.pending])
-        self.pending = []
+def _json_losses(progress: Progress) -> list[float | None]:
+    """The mean loss of optimizer steps 1..n, as JSON (a non-finite loss as null)."""
+    return [loss if math.isfinite(loss) else None for loss in progress.losses]
 
 
 def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: int | None,
-             base_model: tuple[str, str | None], mlflow_run_id: str | None, progress: bool = True) -> None:
+             base_model: tuple[str, str | None], progress: bool = True) -> None:
     """Train one task with Ray Train; rank 0 commits the new version to the registry."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -143,8 +119,7 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
         train_loop_config={
             "config": config.to_dict(), "run_id": run_id, "task_index": task_index,
             "parent_version": parent_version, "registry_uri": config.registry_uri(),
-            "base_model": list(base_model), "tracking_uri": config.tracking_uri(), "mlflow_run_id": mlflow_run_id,
-            "fault_at_step": os.environ.get(FAULT_ENV), "progress": progress,
+            "base_model": list(base_model), "fault_at_step": os.environ.get(FAULT_ENV), "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,

@@ -29,7 +29,7 @@ from .plots import accuracy_heatmap, activation_heatmap
 from .registry import Registry, RegistryError, RunLease
 from .registry.evaluations import read_evaluation, record_evaluation
 from .routing_diagnostics import training_blocks
-from .tracking import Tracker, matrix_csv
+from .tracking import Tracker, matrix_csv, sequence_note, sequence_params, system_tags
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
                       parent_run_id=parent_mlflow_run)
     tags = {"moram.method": config.moram_config.method, "moram.model": model_ref[0],
             "moram.order": ",".join(config.data.tasks), "moram.registry": registry.uri,
-            "moram.benchmark": config.benchmark, "moram.eval_profile": benchmark.eval_profile(config)}
-    parent, resumed = tracker.start_sequence(config.to_dict(), tags)
+            "moram.benchmark": config.benchmark, "moram.eval_profile": benchmark.eval_profile(config),
+            **system_tags()}
+    params = sequence_params(config)
+    parent, resumed = tracker.start_sequence(params, tags)
     if not resumed:
         tracker.log_text(parent, yaml.safe_dump(config.to_dict(), sort_keys=False), "resolved_config.yaml")
     log.info("run %s: %s (MLflow run %s)", run_id, "resuming" if resumed else "starting", parent)
@@ -145,7 +147,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
     trained: list[str] = []
     try:
         for index, task in enumerate(tasks):
-            child, finished = tracker.task_run(index, task)
+            child, finished = tracker.task_run(index, task, params, tags)
             version = _committed(actor, index + 1)      # the run's registry actor: storage's view
             if version is None:
                 trained.append(task)
@@ -156,6 +158,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
             if not finished:
                 _log_task(tracker, child, config, registry, run_id, version, row)
             _log_matrix(tracker, parent, tasks, matrix, baseline)
+            _log_progress(tracker, parent, config, benchmark, run_id, matrix, baseline, tags)
             if on_task_done is not None:
                 on_task_done(index, matrix, baseline)
             if stop_after is not None and index + 1 >= stop_after:
@@ -164,8 +167,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
         tracker.finish(parent, status="FAILED")
         raise
     summary = benchmark.summary(matrix, baseline, tasks) if len(matrix) == len(tasks) else {}
-    if summary:
-        tracker.log_metrics(parent, summary)
+    if summary:  # its metrics are the last task's step of the curves (_log_progress)
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
     tracker.finish(parent, status="FINISHED" if len(matrix) == len(tasks) else "KILLED")
     return SequenceResult(run_id, tasks, matrix, baseline, summary, versions, registry.uri, parent,
@@ -214,12 +216,16 @@ def _evaluate_remote(config: JobConfig, run_id: str, version: int) -> dict[str, 
 
 
 def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registry, run_id: str, version, row):
+    from .ray_train import LOSS_CURVE
+
     tasks = config.data.tasks
     metrics = {k: v for k, v in version.metrics.items() if isinstance(v, (int, float))}
     index = version.task_index
     metrics["task_score"] = row[index]
     metrics.update({f"eval/{task}": score for task, score in zip(tasks, row)})
-    tracker.log_metrics(child, metrics)
+    tracker.log_new_metrics(child, metrics)
+    losses = version.metrics.get(LOSS_CURVE) or []   # recorded by the chief worker with the commit
+    tracker.log_new_series(child, "train_loss", {step: loss for step, loss in enumerate(losses, start=1)})
     tracker.set_tags(child, {"moram.version": str(version.version), "moram.registry": registry.uri})
     with tempfile.TemporaryDirectory() as folder:
         from moram import read_shard
@@ -231,10 +237,10 @@ def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registr
         tracker.log_file(child, shard_path, "shard")
         shard = read_shard(shard_bytes, name=shard_path.name)
         mass = {name: shard.layer(name)["routing_mass"].numpy() for name in shard.layer_names}
-        heatmap = activation_heatmap(mass, Path(folder) / "atom_activation.png", task_atoms=training_blocks(shards),
+        heatmap = activation_heatmap(mass, Path(folder) / "activation_map.png", task_atoms=training_blocks(shards),
                                      task_names=tasks[: index + 1],
                                      title=f"atom activation during {version.task} (version {version.version})")
-        tracker.log_file(child, heatmap, "plots")
+        tracker.log_file(child, heatmap)   # top level: the compare view shows top-level artifacts only
     tracker.finish(child)
 
 
@@ -246,6 +252,20 @@ def _log_matrix(tracker: Tracker, parent: str, tasks: list[str], matrix, baselin
         tracker.log_file(parent, accuracy_heatmap(matrix, tasks, Path(folder) / "accuracy_matrix.png"))
         if baseline is not None:
             tracker.log_text(parent, matrix_csv([baseline], tasks, row_names=["zero-shot"]), "zero_shot_row.csv")
+
+
+def _log_progress(tracker: Tracker, parent: str, config: JobConfig, benchmark: Benchmark, run_id: str,
+                  matrix: list[list[float]], baseline: list[float] | None, tags: dict[str, str]) -> None:
+    """After task i, on the parent at step i: every task's score (``eval/<task>``) and the summary
+    over the i+1 tasks seen (OP, the BWT variants, FWT...): the learning and forgetting curves.
+    Each (key, step) once, so a resume that walks its finished tasks again adds nothing. The
+    run's description (the matrix and the summary so far) is rewritten."""
+    tasks, seen = config.data.tasks, len(matrix)
+    summary = benchmark.summary([row[:seen] for row in matrix], baseline[:seen] if baseline else None, tasks[:seen])
+    scores = {f"eval/{task}": score for task, score in zip(tasks, matrix[-1])}
+    tracker.log_new_metrics(parent, {**scores, **summary}, step=seen - 1)
+    facts = {name: tags[f"moram.{name}"] for name in ("method", "model", "benchmark", "eval_profile")}
+    tracker.set_note(parent, sequence_note(run_id, tasks, matrix, baseline, summary, facts))
 
 
 def _committed(actor, number: int):
