@@ -151,7 +151,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
             version = _committed(actor, index + 1)      # the run's registry actor: storage's view
             if version is None:
                 trained.append(task)
-                version = _train(config, run_id, index, model_ref, child, progress)
+                version = _train(config, run_id, index, model_ref, progress)
             row = _evaluation_row(config, benchmark, registry, run_id, version.version)
             matrix.append(row)
             versions.append(version.version)
@@ -175,13 +175,13 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
 
 
 # -- steps ---------------------------------------------------------------------------------------
-def _train(config: JobConfig, run_id: str, index: int, model_ref, child: str, progress: bool):
+def _train(config: JobConfig, run_id: str, index: int, model_ref, progress: bool):
     from .ray_train import fit_task
 
     registry = Registry(config.registry_uri())
     parent = index if index > 0 else None
     started = time.perf_counter()
-    fit_task(config, run_id, index, parent, model_ref, child, progress)
+    fit_task(config, run_id, index, parent, model_ref, progress)
     version = _find_version(registry, run_id, index + 1)
     if version is None:
         raise RegistryError(f"run {run_id}: task {config.data.tasks[index]} finished training "
