@@ -74,13 +74,29 @@ def test_sequence_on_ray_train_with_s3_registry_and_mlflow_then_resume(tmp_path,
     assert parent.info.status == "FINISHED" and parent.info.run_name == first.run_id
     assert parent.data.params["moram.tau"] == "0.03" and parent.data.tags["moram.method"] == "moram"
     assert parent.data.metrics["OP"] == pytest.approx(resumed.summary["OP"])
+    # learning/forgetting curves: a point per task at step = task index, none doubled by the resume
+    for key in ("OP", "BWT_signed", "BWT_eq10", *(f"eval/{t}" for t in TASKS)):
+        assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, key)) == [0, 1, 2], key
+    assert [m.value for m in client.get_metric_history(parent.info.run_id, "eval/FOMC")
+            if m.step == 1] == [pytest.approx(matrix[1][1])]
+    assert "BWT" not in parent.data.metrics
+    note = parent.data.tags["mlflow.note.content"]               # the description: matrix and summary
+    assert "| after \\ on | " + " | ".join(TASKS) + " |" in note and "Tasks done: 3 of 3" in note
+    assert "| ScienceQA | " + " | ".join(f"{v:.2f}" for v in matrix[2]) + " |" in note
+    assert f"| OP | {resumed.summary['OP']:.2f} |" in note
+    assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"]
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+    params = parent.data.params                                   # what shapes the result, nothing else
+    assert not any(k.startswith(("xtail.", "registry.", "mlflow.", "scaling.")) for k in params)
+    assert (params["data.max_prompt_tokens"], params["eval.max_new_tokens"]) == ("96", "4")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_matrix.csv", "accuracy_matrix.png", "resolved_config.yaml"} <= artifacts
     for index, child in enumerate(children):
         assert child.data.metrics["task_score"] == pytest.approx(matrix[index][index])
         assert child.data.metrics["atoms_added"] == 30 * 4 * 8
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 2   # 8 examples / batch 4
-        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"plots", "shard"}
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"activation_map.png", "shard"}
+        assert child.data.params == params and child.data.tags["moram.method"] == "moram"
     csv = client.download_artifacts(parent.info.run_id, "accuracy_matrix.csv", str(tmp_path))
     assert Path(csv).read_text().splitlines()[0] == "after_task," + ",".join(TASKS)
 

@@ -141,7 +141,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
     log.info("run %s: %s (MLflow run %s)", run_id, "resuming" if resumed else "starting", parent)
 
     tasks = config.data.tasks
-    baseline = _evaluation_row(config, benchmark, registry, run_id, 0) if config.eval.baseline else None
+    baseline = _evaluation_row(config, benchmark, registry, run_id, 0, progress) if config.eval.baseline else None
     matrix: list[list[float]] = []
     versions: list[int] = []
     trained: list[str] = []
@@ -152,7 +152,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
             if version is None:
                 trained.append(task)
                 version = _train(config, run_id, index, model_ref, progress)
-            row = _evaluation_row(config, benchmark, registry, run_id, version.version)
+            row = _evaluation_row(config, benchmark, registry, run_id, version.version, progress)
             matrix.append(row)
             versions.append(version.version)
             if not finished:
@@ -192,17 +192,17 @@ def _train(config: JobConfig, run_id: str, index: int, model_ref, progress: bool
 
 
 def _evaluation_row(config: JobConfig, benchmark: Benchmark, registry: Registry, run_id: str,
-                    version: int) -> list[float]:
+                    version: int, progress: bool = False) -> list[float]:
     """Scores of ``version`` on every task of the order; computed once, recorded in the registry."""
     profile = benchmark.eval_profile(config)
     record = read_evaluation(registry, run_id, version, profile)
     if record is None:
-        scores = _evaluate_remote(config, run_id, version)
+        scores = _evaluate_remote(config, run_id, version, progress)
         record = record_evaluation(registry, run_id, version, profile, scores)
     return [float(record["scores"][task]["score"]) for task in config.data.tasks]
 
 
-def _evaluate_remote(config: JobConfig, run_id: str, version: int) -> dict[str, Any]:
+def _evaluate_remote(config: JobConfig, run_id: str, version: int, progress: bool = False) -> dict[str, Any]:
     import ray
 
     from .evaluation import evaluate_version_task
@@ -212,7 +212,7 @@ def _evaluate_remote(config: JobConfig, run_id: str, version: int) -> dict[str, 
     # DEFAULT: outside any placement group this process runs in (a Tune trial's would capture it).
     remote = ray.remote(evaluate_version_task).options(**options, max_retries=2, scheduling_strategy="DEFAULT")
     return ray.get(remote.remote(config.to_dict(), config.registry_uri(), run_id, version or None,
-                                 config.data.tasks))
+                                 config.data.tasks, task_bars=progress))   # a line per task scored
 
 
 def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registry, run_id: str, version, row):
