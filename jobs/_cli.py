@@ -49,7 +49,7 @@ def load(args) -> "JobConfig":  # noqa: F821
 def run(config, args) -> int:
     from moram_platform.benchmark import get_benchmark
     from moram_platform.console import JobConsole, default_level
-    from moram_platform.registry.errors import find_storage_error
+    from moram_platform.registry.errors import find_disk_full, find_storage_error
     from moram_platform.registry.lease import refuse_if_busy
     from moram_platform.sequence import default_run_id, run_sequence
 
@@ -85,6 +85,13 @@ def run(config, args) -> int:
             print(f"error: MLflow at {_without_userinfo(config.tracking_uri())} failed: {tracking}\nthe registry "
                   f"keeps every committed task: once MLflow is back, rerun the same command; it fills in what "
                   f"MLflow missed. Full log: {_shown(log_file)}", file=sys.stderr)
+            return 1
+        full = find_disk_full(error)         # the run folder is full (checkpoints, logs)
+        if full is not None and not isinstance(error, KeyboardInterrupt):
+            print(f"error: {getattr(full, 'filename', None) or config.run.output_dir}: No space left on device\n"
+                  f"nothing partial was committed (versions are create-only): free space under "
+                  f"{config.run.output_dir}, then rerun the same command to resume. Full log: {_shown(log_file)}",
+                  file=sys.stderr)
             return 1
         print(f"the job failed; its full log: {_shown(log_file)}", file=sys.stderr)
         raise

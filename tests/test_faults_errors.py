@@ -36,3 +36,21 @@ def test_nothing_is_found_when_the_cause_is_something_else():
     except KeyError as error:
         assert find_storage_error(error) is None
         assert isinstance(find_cause(error, OSError), OSError)
+
+
+def test_a_full_disk_is_found_behind_wrappers_by_errno_or_message():
+    import errno
+
+    from moram_platform.registry.errors import find_disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/ray_train/ckpt/model.pt")
+    try:
+        raise RuntimeError("training failed") from full
+    except RuntimeError as error:
+        assert find_disk_full(error) is full
+    try:   # pyarrow's copy errors: an OSError without errno, after an unrelated OSError
+        raise RuntimeError("report failed") from OSError("[Errno 28] No space left on device. Detail: write")
+    except RuntimeError as error:
+        assert "No space left" in str(find_disk_full(error))
+    assert find_disk_full(RuntimeError("x")) is None
+    assert find_disk_full(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) is None

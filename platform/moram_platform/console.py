@@ -194,8 +194,20 @@ class _LazyFileHandler(logging.FileHandler):
             for line in lines:
                 self.stream.write(line.rstrip("\n") + "\n")
             self.stream.flush()
+        except OSError as error:
+            self._report(error)
         finally:
             self.release()
+
+    def handleError(self, record) -> None:
+        self._report(sys.exc_info()[1])
+
+    def _report(self, error) -> None:
+        """A log file that cannot be written (a full disk) is one warning, not a traceback per record."""
+        if not getattr(self, "_reported", False):
+            self._reported = True
+            print(f"warning: cannot write the log file {self.path}: {getattr(error, 'strerror', None) or error}",
+                  file=sys.stderr)
 
     @property
     def written(self) -> bool:

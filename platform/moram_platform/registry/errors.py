@@ -1,5 +1,7 @@
 """Errors of the memory registry. Every message names the run, version, shard or key at
 fault and never carries a credential."""
+import errno
+from typing import Callable
 
 
 class RegistryError(Exception):
@@ -56,9 +58,17 @@ def find_storage_error(error: BaseException) -> StorageError | None:
     return find_cause(error, StorageError)
 
 
-def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of type ``kind`` in ``error``'s causes and contexts, looking inside
-    Ray's wrappers (RayTaskError.cause, Ray Train's worker and controller failures)."""
+def find_disk_full(error: BaseException) -> OSError | None:
+    """The "No space left on device" error behind ``error`` (a full run folder: checkpoints,
+    logs, a local MLflow store), else None. pyarrow's file errors (Ray Train's checkpoint
+    copies) carry no errno, only the message."""
+    return find_cause(error, OSError, lambda e: e.errno == errno.ENOSPC or "No space left on device" in str(e))
+
+
+def find_cause(error: BaseException, kind: type[BaseException],
+               accept: Callable[[BaseException], bool] = lambda _: True) -> BaseException | None:
+    """The first exception of type ``kind`` (and ``accept``ed) in ``error``'s causes and contexts,
+    looking inside Ray's wrappers (RayTaskError.cause, Ray Train's worker and controller failures)."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
     while pending:
@@ -67,8 +77,10 @@ def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException
             continue
         seen.add(id(current))
         cause = getattr(current, "cause", None)   # a RayTaskError's original exception (its str is the traceback)
-        if isinstance(current, kind):
-            return cause if isinstance(cause, kind) else current
+        if isinstance(cause, kind) and accept(cause):
+            return cause
+        if isinstance(current, kind) and accept(current):
+            return current
         pending += [current.__cause__, current.__context__, cause, getattr(current, "_base_exc", None),
                     getattr(current, "controller_failure", None),
                     *getattr(current, "worker_failures", {}).values()]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import (CommitConflictError, CommitError, ManifestError, ObjectNotFoundError, ShardIntegrityError,
                      StorageError, VersionNotFoundError)
+from .faults import fault_point
 from .layout import manifest_key, shard_key, version_from_name, versions_prefix
 from .manifest import BaseModelRef, ShardRef, Version, check_metrics
 from .names import check_name
@@ -100,7 +101,9 @@ class Registry:
             _, problem = self._fetch_shard(run_id, number, ref)  # read back what the backend stored
             if problem:
                 raise CommitError(f"commit aborted, nothing became visible: {problem}")
+            fault_point("before-manifest", number)      # tests only: $MORAM_FAULT_IN_COMMIT
             created = self.storage.create(manifest_key(run_id, number), candidate.to_json())
+            fault_point("after-manifest", number)
         except StorageError as error:
             raise type(error)(f"run {run_id}: commit of task {info.task_index} ({info.task}) as version {number} "
                               f"failed (committing the same shard again is safe): {error}") from None

@@ -17,7 +17,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -64,21 +64,32 @@ class Storage(ABC):
 
 def open_storage(uri: str | os.PathLike) -> Storage:
     """The backend a registry URI names: a path, ``file://...`` or ``s3://bucket/prefix``."""
+    kind, where, prefix = _location(uri)
+    return LocalStorage(where) if kind == "local" else S3Storage(where, prefix)
+
+
+def check_uri(uri: str | os.PathLike) -> None:
+    """Raise InvalidURIError unless ``uri`` names a backend; no I/O, no client (config validation)."""
+    _location(uri)
+
+
+def _location(uri: str | os.PathLike) -> tuple[str, Any, str]:
+    """("local", path, "") or ("s3", bucket, prefix)."""
     if isinstance(uri, os.PathLike):
-        return LocalStorage(Path(uri))
+        return "local", Path(uri), ""
     if not isinstance(uri, str) or not uri:
         raise InvalidURIError(f"registry URI must be a non-empty string or path, got {uri!r}")
     if "://" not in uri:
-        return LocalStorage(Path(uri))
+        return "local", Path(uri), ""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise InvalidURIError(f"registry URI {uri!r}: file:// URIs name a local path (file:///abs/path)")
-        return LocalStorage(Path(unquote(parsed.path)))
+        return "local", Path(unquote(parsed.path)), ""
     if parsed.scheme == "s3":
         if not parsed.netloc or "@" in parsed.netloc:
             raise InvalidURIError(f"registry URI {_without_userinfo(parsed)!r}: expected s3://bucket/prefix")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"))
+        return "s3", parsed.netloc, parsed.path.strip("/")
     raise InvalidURIError(
         f"registry URI scheme {parsed.scheme!r} is not supported; use a path, file://... or s3://bucket/prefix")
 

@@ -293,6 +293,10 @@ def _check_config(config: JobConfig) -> None:
     for name, templates in xtail.templates.items():
         if not templates:
             raise ConfigError(f"xtail.templates.{name}: must list at least one template")
+        for template in templates:   # the data loader checks it too; here the key is named
+            if template.count("{}") != 1:
+                raise ConfigError(f"xtail.templates.{name}: {template!r} must contain exactly one '{{}}' (the "
+                                  f"class name)")
 
 
 def check_backbone(config: JobConfig) -> None:

@@ -220,6 +220,10 @@ def _read_split(split_file: Path, root: Path, folders: list[str]) -> dict[str, l
         chosen = json.loads(split_file.read_text())["classes"]
     except (ValueError, KeyError, TypeError) as error:
         raise DomainError(f"{split_file}: not a split file ({error})") from error
+    if not isinstance(chosen, dict) or not all(
+            isinstance(files, list) and all(isinstance(f, str) for f in files) for files in chosen.values()):
+        raise DomainError(f"{split_file}: not a split file (\"classes\" must map each class folder to a list of "
+                          f"image paths)")
     if set(chosen) != set(folders):
         raise DomainError(f"{split_file}: its classes do not match {root / 'train'} (only in the split: "
                           f"{sorted(set(chosen) - set(folders))[:5]}, only in the folder: "
