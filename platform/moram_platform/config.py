@@ -142,6 +142,12 @@ class TrainSection(Section):
         2, description="DeepSpeed ZeRO stage: 0, 1 or 2 (ZeRO-3 is refused with the deepspeed engine: it "
                        "partitions the atoms, which a task's export needs whole)")
     checkpoint_every_steps: AtLeastOne = Field(50, description="Ray Train checkpoint interval (optimizer steps)")
+    optimizer_across_tasks: Annotated[Str, one_of("fresh", "carry")] = Field(
+        "fresh", description="fresh: a new optimizer and schedule per task; carry: continue the previous task's "
+                             "Adam moments, step count and schedule, and let its trained master values overwrite "
+                             "the fresh atoms at the first step, as the official TRACE code does under ZeRO-2 "
+                             "(docs/parity.md M2; needs train.lr_schedule: constant and run.output_dir on a "
+                             "filesystem every worker shares)")
 
 
 class EvalSection(Section):
@@ -167,20 +173,9 @@ class ScalingSection(Section):
         2, description="a lost worker restarts from the last Ray Train checkpoint this many times")
 
 
-def _registry_uri(uri: str) -> str:
-    from .registry.storage import check_uri   # imports boto3: only when a URI is given
-
-    try:
-        check_uri(uri)
-    except ValueError as error:
-        raise ValueError(str(error)) from None
-    return uri
-
-
 class RegistrySection(Section):
-    uri: Annotated[NonEmptyStr, pydantic.AfterValidator(_registry_uri)] | None = Field(
-        None, description="the model registry: a folder or s3://bucket/prefix "
-                          "(default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry)")
+    uri: NonEmptyStr | None = Field(None, description="the model registry: a folder or s3://bucket/prefix "
+                                                      "(default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry)")
 
 
 class MlflowSection(Section):
@@ -361,6 +356,10 @@ def _cross_key_problems(config: JobConfig) -> list[str]:
         refuse("train.zero_stage", "ZeRO-3 is not supported: it partitions each parameter across workers, and "
                                    "committing a task exports its atoms whole from one worker; use 0, 1 or 2",
                train.zero_stage)
+    if train.optimizer_across_tasks == "carry" and train.lr_schedule != "constant":
+        refuse("train.optimizer_across_tasks", "carry continues one schedule over the whole sequence (the official "
+                                               "TRACE code's constant one); it needs train.lr_schedule: constant",
+               train.optimizer_across_tasks)
     if scaling.use_gpu and scaling.gpus_per_worker == 0:
         refuse("scaling.gpus_per_worker", "must be > 0 with scaling.use_gpu", scaling.gpus_per_worker)
     return problems

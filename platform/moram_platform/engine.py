@@ -7,7 +7,9 @@ Both expose the same three calls, so the training loop is written once:
     engine.backward(loss)          # gradient accumulation handled inside
     engine.step()                  # optimizer step at accumulation boundaries
 
-Each task gets a new engine: fresh optimizer state for fresh atoms (DESIGN: growth).
+Each task gets a new engine: fresh optimizer state for fresh atoms (DESIGN: growth). With
+``train.optimizer_across_tasks: carry`` an engine instead continues the previous task's
+optimizer as the official TRACE code does (``carry_state`` / ``carry_over``; docs/parity.md M2).
 """
 from __future__ import annotations
 
@@ -71,6 +73,51 @@ def with_extra_loss(loss: torch.Tensor, model: MoRAMModel) -> torch.Tensor:
     return loss + extra.to(loss.device)
 
 
+class CarriedOptimizer:
+    """The previous task's optimizer continued, as the official TRACE code continues it.
+
+    That code builds one Adam and one DeepSpeed ZeRO-2 engine for the whole sequence and
+    re-initialises a task's new block in place in the model's (bf16) weights only; ZeRO's fp32
+    master copies keep the previous task's trained values and are written back over the model's
+    weights at the first optimizer step (docs/parity.md, row M2). So here: the moments, step
+    counts and schedule position are loaded when the engine is built; the master values are
+    written into the optimizer's own parameter tensors right before the first optimizer step,
+    after the first accumulation window has computed its gradients on the fresh atoms.
+    """
+
+    def __init__(self):
+        self.pending_master: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def state(optimizer: torch.optim.Optimizer, scheduler, world_size: int) -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "world_size": world_size,
+                "master": [p.detach().float().cpu().clone() for p in _own_params(optimizer)]}
+
+    def load(self, optimizer: torch.optim.Optimizer, scheduler, world_size: int, carried: dict) -> None:
+        mine = [tuple(p.shape) for p in _own_params(optimizer)]
+        theirs = [tuple(t.shape) for t in carried["master"]]
+        if carried["world_size"] != world_size or mine != theirs:
+            raise ValueError(f"train.optimizer_across_tasks: the carried optimizer state does not fit this task's "
+                             f"(saved by {carried['world_size']} workers for tensors {theirs}; now {world_size} "
+                             f"workers, tensors {mine})")
+        optimizer.load_state_dict(carried["optimizer"])
+        scheduler.load_state_dict(carried["scheduler"])
+        self.pending_master = carried["master"]
+
+    @torch.no_grad()
+    def before_first_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.pending_master is None:
+            return
+        for param, value in zip(_own_params(optimizer), self.pending_master):
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+        self.pending_master = None
+
+
+def _own_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors the optimizer updates: ZeRO's flat fp32 partitions, or the model's parameters."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO over the trainable atoms (gloo on CPU, NCCL on GPU)."""
 
@@ -87,6 +134,7 @@ class DeepSpeedEngine:
             config=deepspeed_config(train, world_size), dist_init_required=False)
         self.loss_fn = loss_fn
         self.dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+        self.world_size, self.carried = world_size, CarriedOptimizer()
 
     def loss(self, batch: dict) -> torch.Tensor:
         return with_extra_loss(self.loss_fn(self.engine, batch), self.model)
@@ -97,6 +145,8 @@ class DeepSpeedEngine:
     def step(self) -> bool:
         """Returns True when this call completed an optimizer step."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self.carried.before_first_step(_innermost(self.optimizer))
         self.engine.step()
         return boundary
 
@@ -108,6 +158,13 @@ class DeepSpeedEngine:
     def load_optimizer_state(self, state: dict) -> None:
         _innermost(self.optimizer).load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def carry_state(self) -> dict:
+        """What the next task continues with (``carry_over``): this worker's part."""
+        return CarriedOptimizer.state(_innermost(self.optimizer), self.scheduler, self.world_size)
+
+    def carry_over(self, carried: dict) -> None:
+        self.carried.load(_innermost(self.optimizer), self.scheduler, self.world_size, carried)
 
 
 def _innermost(optimizer) -> torch.optim.Optimizer:
@@ -132,6 +189,7 @@ class TorchEngine:
         self.accumulate = accumulation_steps(train, world_size)
         self.micro_step = 0
         self.autocast = train.precision == "bf16"
+        self.world_size, self.carried = world_size, CarriedOptimizer()
 
     def loss(self, batch: dict) -> torch.Tensor:
         device = self.params[0].device.type if self.params else "cpu"
@@ -147,6 +205,7 @@ class TorchEngine:
         self.micro_step += 1
         if self.micro_step % self.accumulate:
             return False
+        self.carried.before_first_step(self.optimizer)  # no master copies: the parameters themselves
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
@@ -160,6 +219,12 @@ class TorchEngine:
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def carry_state(self) -> dict:
+        return CarriedOptimizer.state(self.optimizer, self.scheduler, self.world_size)
+
+    def carry_over(self, carried: dict) -> None:
+        self.carried.load(self.optimizer, self.scheduler, self.world_size, carried)
 
 
 def build_engine(model: MoRAMModel, loss_fn: LossFn, train: TrainSection, world_size: int, total_steps: int):

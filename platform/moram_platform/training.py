@@ -100,15 +100,20 @@ def train_task(
     on_step: Callable[[Progress], None] | None = None,
     on_checkpoint: Callable[[Progress, Callable[[Path], None]], None] | None = None,
     progress_bar: bool = True,
+    carry_from: str | os.PathLike | None = None,
+    carry_to: str | os.PathLike | None = None,
 ) -> TaskResult:
     """Train task ``task_index`` of ``config.data.tasks`` on top of ``parent_shards``.
 
     ``checkpoint_dir`` resumes a task from a checkpoint written by ``save_checkpoint``;
     ``on_checkpoint(progress, save)`` is called every ``train.checkpoint_every_steps`` steps
     with a function that writes this worker's part of a checkpoint into a folder.
+    With ``train.optimizer_across_tasks: carry``, the optimizer continues from what the previous
+    task wrote into ``carry_from`` (``carry_to`` of that task; see ``engine.CarriedOptimizer``).
     """
     world = world or World()
     task = config.data.tasks[task_index]
+    carried = None if checkpoint_dir is not None else read_carry(config, task_index, carry_from, world)
     seed_everything(config.run.seed + task_index)
     started = time.perf_counter()
 
@@ -126,6 +131,8 @@ def train_task(
     engine = build_engine(model, benchmark.loss, config.train, world.size, total_steps)
     if checkpoint_dir is not None:
         load_checkpoint_optimizer(Path(checkpoint_dir), engine, world)
+    elif carried is not None:
+        engine.carry_over(carried)
     resumed_from = progress.step
 
     epochs = config.epochs_for(task_index)
@@ -163,6 +170,8 @@ def train_task(
             progress.micro_batch = 0
     if bar is not None:
         bar.close()
+    if carry_to is not None and config.train.optimizer_across_tasks == "carry":
+        write_carry(Path(carry_to), engine, world)
 
     sum_activation_stats(model, world)
     report = model.end_task()
@@ -245,6 +254,38 @@ def load_checkpoint_optimizer(folder: Path, engine, world: World) -> None:
                     state["world_size"], world.size)
         return
     engine.load_optimizer_state(torch.load(optimizer_file, weights_only=True, map_location=world.device))
+
+
+# -- the optimizer carried across tasks (train.optimizer_across_tasks: carry) ---------------------
+def carry_folders(config: JobConfig, run_id: str, task_index: int) -> dict[str, Path | None]:
+    """``train_task``'s carry_from / carry_to for a task of run ``run_id``: folders under
+    ``run.output_dir`` (absolute in a sequence), which every worker must reach."""
+    root = Path(config.run.output_dir) / "carry" / run_id
+    return {"carry_from": root / f"task-{task_index - 1}" if task_index else None,
+            "carry_to": root / f"task-{task_index}"}
+
+
+def carry_file(folder: Path, world: World) -> Path:
+    return folder / f"optimizer-rank{world.rank}.pt"
+
+
+def write_carry(folder: Path, engine, world: World) -> None:
+    """This worker's optimizer at the end of a task (moments, steps, schedule, master values)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(engine.carry_state(), carry_file(folder, world))
+
+
+def read_carry(config: JobConfig, task_index: int, folder: str | os.PathLike | None, world: World) -> dict | None:
+    """The previous task's optimizer for task ``task_index``, or None (fresh): before any model
+    loads, so a missing file stops the task at once."""
+    if config.train.optimizer_across_tasks != "carry" or task_index == 0:
+        return None
+    path = None if folder is None else carry_file(Path(folder), world)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"train.optimizer_across_tasks: carry: task {task_index} continues the optimizer "
+                                f"of task {task_index - 1}, but {path or 'no carry folder'} was not written "
+                                f"(was task {task_index - 1} trained with carry, in this run folder?)")
+    return torch.load(path, weights_only=True, map_location=world.device)
 
 
 # -- helpers -------------------------------------------------------------------------------------
