@@ -173,9 +173,20 @@ class ScalingSection(Section):
         2, description="a lost worker restarts from the last Ray Train checkpoint this many times")
 
 
+def _registry_uri(uri: str) -> str:
+    from .registry.storage import check_uri   # imports boto3: only when a URI is given
+
+    try:
+        check_uri(uri)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
+    return uri
+
+
 class RegistrySection(Section):
-    uri: NonEmptyStr | None = Field(None, description="the model registry: a folder or s3://bucket/prefix "
-                                                      "(default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry)")
+    uri: Annotated[NonEmptyStr, pydantic.AfterValidator(_registry_uri)] | None = Field(
+        None, description="the model registry: a folder or s3://bucket/prefix "
+                          "(default: $MORAM_REGISTRY_URI, else <run.output_dir>/registry)")
 
 
 class MlflowSection(Section):
