@@ -57,8 +57,35 @@ def test_the_shipped_anchor_file_has_the_columns():
     rows = load_anchors()
     text = __import__("importlib.resources").resources.files("moram_platform").joinpath(
         "data/paper_anchors.csv").read_text()
-    assert next(csv.reader(io.StringIO(text))) == ["setting", "method", "metric", "value", "table", "row", "note"]
+    assert next(csv.reader(io.StringIO(text))) == ["setting", "model", "method", "metric", "value", "table", "row",
+                                                   "note"]
     assert all(float(row["value"]) >= -100 for row in rows)
+
+
+TRACE_8 = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+XTAIL_10 = ["Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet", "Cars", "SUN397"]
+
+
+def test_the_shipped_paper_numbers_stand_beside_runs_of_the_same_setting_and_model():
+    # Golden: Artificer-AI-Lab/MoRAM README.md (aaa51d8), TRACE table row "Gemma-2B-it / MoRAM": overall
+    # performance 36.27, backward transfer 2.74; X-TAIL table row "MoRAM": Last 80.9.
+    def runs(tasks, model, method="moram"):
+        return [RunRecord(f"{method}-s{seed}", method, list(tasks), {"OP": 30.0 + seed, "BWT_eq10": 3.0,
+                                                                       "_method": method}, None, model=model)
+                for seed in range(2)]
+
+    gemma, = summarize_runs(runs(TRACE_8, "google/gemma-2b-it"))
+    assert gemma.paper == {"OP": (36.27, "MoRAM README TRACE table, Gemma-2B-it / MoRAM"),
+                           "BWT_eq10": (2.74, "MoRAM README TRACE table, Gemma-2B-it / MoRAM")}
+    assert "30.50 ± 0.71 [36.27]" in StudyReport("t", [gemma], []).markdown()
+    olora, = summarize_runs(runs(TRACE_8, "/models/Llama-2-7b-chat-hf", method="olora"))
+    assert olora.paper["OP"][0] == 42.78 and olora.paper["BWT_eq10"][0] == 7.16
+    clip, = summarize_runs(runs(XTAIL_10, "open_clip:ViT-B-16"))
+    assert clip.paper["OP"][0] == 80.9
+    # another model, or 7 of the 8 tasks: no paper number (the paper has none for that setting)
+    assert summarize_runs(runs(TRACE_8, "HuggingFaceTB/SmolLM2-135M-Instruct"))[0].paper == {}
+    assert summarize_runs(runs(TRACE_8[:2] + TRACE_8[3:], "google/gemma-2b-it"))[0].paper == {}
+    assert summarize_runs(runs(TRACE_8, ""))[0].paper == {}
 
 
 def test_report_files(tmp_path):

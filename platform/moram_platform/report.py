@@ -55,6 +55,7 @@ class RunRecord:
     metrics: dict[str, float]
     matrix: list[list[float]] | None
     routing: list[list[float]] | None = None
+    model: str = ""          # the base model's id (the sequence's moram.model tag)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def _mean_matrix(matrices: list, orders: list[list[str]]) -> tuple[list[list[flo
 
 # -- paper anchors ------------------------------------------------------------------------------
 def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
-    """Rows of the paper-anchor file: setting, method, metric, value, table, row, note."""
+    """Rows of the paper-anchor file: setting, model, method, metric, value, table, row, note."""
     if path is None:
         text = resources.files("moram_platform").joinpath("data/paper_anchors.csv").read_text()
     else:
@@ -199,6 +200,7 @@ def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
 def setting_of(tasks: Sequence[str]) -> str | None:
     """The paper setting a task list belongs to (its numbers are comparable only there)."""
     from .config import TRACE_500_ORDER
+    from .xtail.data import XTAIL_DOMAINS
 
     names = frozenset(tasks)
     if names == STANDARD_CL_4:
@@ -207,7 +209,19 @@ def setting_of(tasks: Sequence[str]) -> str | None:
         return "standard-cl-15"
     if names == frozenset(TRACE_500_ORDER):
         return "trace-8"
+    if names == frozenset(XTAIL_DOMAINS):
+        return "xtail-10"
     return None
+
+
+def same_model(anchor_model: str, run_model: str) -> bool:
+    """Whether a run's base model id is the anchor's model: its name inside the id, ignoring case
+    and punctuation ("gemma-2b-it" is "google/gemma-2b-it"; "ViT-B-16" is "open_clip:ViT-B-16");
+    an anchor without a model matches any."""
+    def letters(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    return not anchor_model or (bool(run_model) and letters(anchor_model) in letters(run_model))
 
 
 def _paper_numbers(anchors: list[dict[str, str]], group: str, members: list[RunRecord]) -> dict[str, tuple]:
@@ -218,7 +232,8 @@ def _paper_numbers(anchors: list[dict[str, str]], group: str, members: list[RunR
     setting = settings.pop()
     found = {}
     for row in anchors:
-        if row["setting"] == setting and row["method"] in methods:
+        model = row.get("model") or ""
+        if row["setting"] == setting and row["method"] in methods and all(same_model(model, m.model) for m in members):
             found[row["metric"]] = (float(row["value"]), f"{row['table']}, {row['row']}")
     return found
 
@@ -269,7 +284,7 @@ def _report(client, rows: list[dict[str, Any]], group_keys: list[str], title: st
         tasks = tags.get("moram.order", "").split(",")
         matrix = _artifact_matrix(client, row["mlflow_run_id"], "accuracy_matrix.csv")
         routing = _artifact_matrix(client, row["mlflow_run_id"], "routing/final_all.csv")
-        records.append(RunRecord(row["run"], group, tasks, metrics, matrix, routing))
+        records.append(RunRecord(row["run"], group, tasks, metrics, matrix, routing, model=row.get("model", "")))
     if not records:
         raise ReportError(f"{title}: no finished sequence to report" +
                           (f" (not finished: {', '.join(incomplete)})" if incomplete else ""))
