@@ -49,6 +49,7 @@ from fixtures.paths import PROJECT_ROOT  # noqa: E402
 TWO_TASKS = {"data": {"tasks": ["C-STANCE", "FOMC"]}, "train": {"epochs": [1, 2]}}
 
 # (raw config, the key the first error line names): every key at its boundaries
+XTAIL_ROOT = {"root": "/data/xtail"}
 BAD_JOB_CONFIGS = [
     ({"benchmark": "glue"}, "benchmark"),
     ({"benchmark": None}, "benchmark"),
@@ -114,11 +115,26 @@ BAD_JOB_CONFIGS = [
     ({"moram": {"k": 0}}, "moram.k"),
     ({"moram": {"temperature": 1}}, "moram.temperature"),
     ({"xtail": {"shots": 4}}, "xtail"),                                   # another benchmark's section
-    ({"benchmark": "xtail", "xtail": {"shots": 0}}, "xtail.shots"),
-    ({"benchmark": "xtail", "xtail": {"split_seed": -1}}, "xtail.split_seed"),
-    ({"benchmark": "xtail", "xtail": {"templates": {"nope": ["a {}"]}}}, "xtail.templates"),
-    ({"benchmark": "xtail", "xtail": {"dpi": 3}}, "xtail.dpi"),
+    ({"benchmark": "xtail", "data": XTAIL_ROOT, "xtail": {"shots": 0}}, "xtail.shots"),
+    ({"benchmark": "xtail", "data": XTAIL_ROOT, "xtail": {"split_seed": -1}}, "xtail.split_seed"),
+    ({"benchmark": "xtail", "data": XTAIL_ROOT, "xtail": {"templates": {"nope": ["a {}"]}}}, "xtail.templates"),
+    ({"benchmark": "xtail", "data": XTAIL_ROOT, "xtail": {"dpi": 3}}, "xtail.dpi"),
+    ({"benchmark": "xtail"}, "data.root"),                                # X-TAIL has no default image folder
 ]
+
+
+def test_keys_left_out_take_the_benchmarks_defaults():
+    # TRACE: the paper's 8 tasks and the official runner's epochs; X-TAIL: its 10 domains in the
+    # official order (XTAIL/runner_moram.sh), 500 steps each -- never TRACE's tasks.
+    trace = config_from_dict({})
+    assert trace.data.tasks[:2] == ["C-STANCE", "FOMC"] and len(trace.data.tasks) == 8
+    assert trace.train.epochs == [2, 1, 3, 2, 1, 2, 2, 3]
+    xtail = config_from_dict({"benchmark": "xtail", "data": XTAIL_ROOT})
+    assert xtail.data.tasks == ["Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
+                                "Cars", "SUN397"]
+    assert (xtail.train.epochs, xtail.train.max_steps) == (None, 500)
+    mine = config_from_dict({"benchmark": "xtail", "data": {**XTAIL_ROOT, "tasks": ["DTD"]}, "train": {"epochs": 2}})
+    assert (mine.data.tasks, mine.train.epochs, mine.train.max_steps) == (["DTD"], 2, 500)
 
 
 @pytest.mark.parametrize("raw, key", BAD_JOB_CONFIGS, ids=[key for _, key in BAD_JOB_CONFIGS])
@@ -242,7 +258,7 @@ def test_eval_profile_is_the_benchmarks():
     assert trace.eval_profile(config_from_dict({})) == next(iter(PROFILES))
     named = list(PROFILES)[-1]
     assert trace.eval_profile(config_from_dict({"eval": {"profile": named}})) == named
-    xtail = config_from_dict({"benchmark": "xtail"})
+    xtail = config_from_dict({"benchmark": "xtail", "data": XTAIL_ROOT})
     assert get_benchmark("xtail").eval_profile(xtail) == "xtail-union"
 
 

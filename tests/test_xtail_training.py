@@ -171,10 +171,10 @@ def test_config_errors_name_the_key(xtail_image_domains, tmp_path):
     with pytest.raises(ConfigError, match="train.betas"):
         xtail_config(xtail_image_domains, ["MNIST"], tmp_path, max_steps=1, betas=[0.9, 1.0])
     with pytest.raises(ConfigError, match="moram.tau"):
-        load_config(None, ["benchmark=xtail", "moram.tau=0"])
+        load_config(None, ["benchmark=xtail", "data.root=/data/xtail", "moram.tau=0"])
     with pytest.raises(ConfigError, match=r"moram.alpha: X-TAIL trains at scale 1 .* moram.r is 8, so set moram.alpha: 8"):
-        load_config(None, ["benchmark=xtail", "moram.r=8"])
-    assert load_config(None, ["benchmark=xtail", "moram.r=8", "moram.alpha=8"]).moram_config.scale == 1.0
+        load_config(None, ["benchmark=xtail", "data.root=/data/xtail", "moram.r=8"])
+    assert load_config(None, ["benchmark=xtail", "data.root=/data/xtail", "moram.r=8", "moram.alpha=8"]).moram_config.scale == 1.0
 
 
 # -- a sequence of three domains through MoRAM ----------------------------------------------

@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, BenchmarkEntry] = {
 class Benchmark(Protocol):
     name: str
     moram_defaults: dict[str, Any]   # moram.* values used when the config leaves them out
+    # section -> key -> value, for the keys a config leaves out (data.tasks, data.root, train.epochs...)
+    config_defaults: dict[str, dict[str, Any]]
 
     # -- the config, before anything starts ------------------------------------------------------
     def validate_config(self, config: JobConfig) -> list[str]:

@@ -12,6 +12,7 @@ from these models: ``python -m moram_platform.config --print-reference > docs/co
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import typing
@@ -33,9 +34,6 @@ from .sections import (AtLeastOne, AtLeastZero, Bool, Int, NonEmptyStr, OneOrNon
 
 class ConfigError(ValueError):
     """A job config is invalid; each line of the message starts with the key path at fault."""
-
-
-TRACE_500_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
 
 
 def _safe_name(name: str) -> bool:
@@ -79,11 +77,12 @@ def _unique(values: list) -> bool:
 
 
 class DataSection(Section):
-    root: NonEmptyStr = Field("../shared/datasets/TRACE-500", description="local folder or s3://bucket/prefix "
-                                                                          "holding one folder per task")
+    # root and tasks left out take the benchmark's `config_defaults` (config_from_dict fills them in).
+    root: NonEmptyStr = Field(description="local folder or s3://bucket/prefix holding one folder per task "
+                                          "(default: the benchmark's; TRACE: ../shared/datasets/TRACE-500)")
     tasks: Annotated[list[NonEmptyStr], rule(bool, "must list at least one task"),
                      rule(_unique, "lists a task twice")] = Field(
-        default_factory=lambda: list(TRACE_500_ORDER), description="the tasks, in training order")
+        description="the tasks, in training order (default: the benchmark's: TRACE's 8 tasks, X-TAIL's 10 domains)")
     max_train_examples: OneOrNone | None = Field(None, description="cap on each task's training examples (null: "
                                                                    "all)")
     max_eval_examples: OneOrNone | None = Field(None, description="cap on each task's evaluation examples (null: "
@@ -114,8 +113,8 @@ def _betas_ok(betas: list[float]) -> bool:
 
 class TrainSection(Section):
     epochs: Annotated[list[Int] | Int | None, pydantic.BeforeValidator(_epochs_value)] = Field(
-        default_factory=lambda: [2, 1, 3, 2, 1, 2, 2, 3],
-        description="epochs per task: one integer for every task, or a list with one per task of data.tasks "
+        1, description="epochs per task (default: the benchmark's; TRACE: the official runner's per-task "
+                       "epochs): one integer for every task, or a list with one per task of data.tasks "
                     "(a longer list is cut to data.tasks, e.g. after --set data.tasks=[first two]; a shorter one "
                     "is an error); null: exactly train.max_steps steps")
     max_steps: OneOrNone | None = Field(None, description="cap on optimizer steps per task; with epochs: null, "
@@ -207,7 +206,7 @@ class JobConfig(Section):
         default_factory=dict, description="MoRAMConfig fields (r, k, tau, delta, target_modules, method, ...); "
                                           "unset ones take the benchmark's defaults, then MoRAMConfig's; "
                                           "moram.seed defaults to run.seed")
-    data: DataSection = Field(default_factory=DataSection, description="the tasks and their data")
+    data: DataSection = Field(description="the tasks and their data")
     train: TrainSection = Field(default_factory=TrainSection, description="training of each task's atoms")
     eval: EvalSection = Field(default_factory=EvalSection, description="evaluation after each task")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers")
@@ -328,6 +327,8 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
         raise ConfigError(f"config: must be a mapping, got {raw!r}")
     benchmark = raw.get("benchmark", JobConfig.model_fields["benchmark"].default)
     model = config_model(benchmark) if isinstance(benchmark, str) and benchmark in BENCHMARKS else JobConfig
+    if isinstance(benchmark, str) and benchmark in BENCHMARKS:
+        raw = with_benchmark_defaults(raw, benchmark_class(benchmark).config_defaults)
     try:
         config = model.model_validate(raw)
     except pydantic.ValidationError as error:
@@ -340,6 +341,17 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def with_benchmark_defaults(raw: dict[str, Any], defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``raw`` with the benchmark's values for the keys it leaves out (a section that is not a
+    mapping is left for validation to refuse)."""
+    raw = dict(raw)
+    for section, values in defaults.items():
+        given = raw.get(section, {})
+        if isinstance(given, dict):
+            raw[section] = {**copy.deepcopy(values), **given}
+    return raw
 
 
 def _cross_key_problems(config: JobConfig) -> list[str]:
@@ -399,6 +411,7 @@ def reference() -> str:
             lines += ["", f"## `{name}:`", "", info.description or "", "",
                       "| key | type | default | description |", "|---|---|---|---|"]
             lines += [_row(f"{name}.{key}", field) for key, field in _fields(info.annotation).items()]
+    lines += _benchmark_defaults()
     lines += _space_reference()
     lines += ["", _ADD_A_BENCHMARK]
     return "\n".join(lines) + "\n"
@@ -409,7 +422,7 @@ _ADD_A_BENCHMARK = """## Adding a benchmark
 A third benchmark `foo` is one package, one table line, a job and its configs:
 
 1. `platform/moram_platform/foo/benchmark.py`: a class implementing the `Benchmark` protocol of
-   `platform/moram_platform/benchmark.py` (`name`, `moram_defaults`, `validate_config`,
+   `platform/moram_platform/benchmark.py` (`name`, `moram_defaults`, `config_defaults`, `validate_config`,
    `eval_profile`, `summary`, `validate`, `load_model`, `model_ref`, `train_examples`, `collate`,
    `loss`, `evaluate`).
 2. Optional: `platform/moram_platform/foo/config.py`: the `foo:` config section, a pydantic model
@@ -444,6 +457,21 @@ def _space_reference() -> list[str]:
     return lines
 
 
+def _benchmark_defaults() -> list[str]:
+    """Each benchmark's values for the keys a config leaves out (its class's ``config_defaults``
+    and ``moram_defaults``), before the defaults of the tables above."""
+    lines = ["", "## Benchmark defaults", "",
+             "A key a config leaves out takes its benchmark's value first (`config_defaults`, `moram_defaults` "
+             "of the benchmark's class), then the default in the tables above.", "",
+             "| benchmark | key | default |", "|---|---|---|"]
+    for name in BENCHMARKS:
+        benchmark = benchmark_class(name)
+        values = {**benchmark.config_defaults, "moram": benchmark.moram_defaults}
+        lines += [f"| {name} | `{section}.{key}` | `{_cell(_yaml_inline(value))}` |"
+                  for section, keys in values.items() for key, value in keys.items()]
+    return lines
+
+
 def _moram_section() -> list[str]:
     """moram.* are MoRAMConfig's fields; each benchmark may fill some in first."""
     lines = ["", "## `moram:`", "",
@@ -473,7 +501,9 @@ def _is_section(annotation: Any) -> bool:
 
 def _row(key: str, info: Any) -> str:
     if info.is_required():
-        shown = "required"
+        given_by_benchmark = any(key.partition(".")[2] in benchmark_class(name).config_defaults.get(
+            key.partition(".")[0], {}) for name in BENCHMARKS)
+        shown = "benchmark's" if given_by_benchmark else "required"
     else:
         default = info.default_factory() if info.default_factory is not None else info.default
         shown = "null" if default is None else _yaml_inline(default)

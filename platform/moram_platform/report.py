@@ -199,7 +199,7 @@ def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
 
 def setting_of(tasks: Sequence[str]) -> str | None:
     """The paper setting a task list belongs to (its numbers are comparable only there)."""
-    from .config import TRACE_500_ORDER
+    from .trace.benchmark import TRACE_500_ORDER
     from .xtail.data import XTAIL_DOMAINS
 
     names = frozenset(tasks)

