@@ -322,8 +322,9 @@ class MoRAMLayer(nn.Module):
             self.current_trained = True
         if self._num_frozen + (self.num_current if current else 0) == 0:
             return y
-        delta = self._fast_delta(x, current) if self.fast else self._reference_delta(x, current)
-        return y + delta.to(y.dtype)
+        if self.fast:
+            return self._fast_update(x, current, y)
+        return y + self._reference_delta(x, current).to(y.dtype)
 
     def _reference_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
         """fast_path="off": the equations as written, over the concatenated bank."""
@@ -339,9 +340,10 @@ class MoRAMLayer(nn.Module):
         mixed = h if w is None else w * h                            # Eq. 4: w ⊙ h
         return mixed @ B.t()
 
-    def _fast_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
-        """The same update without concatenating weights: frozen bank and trainable block apart
-        (no gradient is built for the frozen keys or values), compact routing for MoRAM."""
+    def _fast_update(self, x: torch.Tensor, current: bool, y: torch.Tensor) -> torch.Tensor:
+        """y + Δy without concatenating weights: frozen bank and trainable block apart (no
+        gradient is built for the frozen keys or values), compact routing for MoRAM, and the
+        residual add fused into the value product (no extra [tokens, d_out] pass or buffer)."""
         x_atoms = self.dropout(x).to(self.bank_keys.dtype)
         n_frozen = self._num_frozen
         parts = []
@@ -353,13 +355,13 @@ class MoRAMLayer(nn.Module):
             current_B = self.B * self.config.scale
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [..., R]    Eq. 3
         if isinstance(self.method, MoRAM):
-            return self._routed_value(h, n_frozen, current_B, x)
+            return self._routed_update(h, n_frozen, current_B, x, y)
         w = self.mixture_weights(h, x_atoms, current)
         if self.collect_stats:
             self._accumulate(h.new_ones(h.shape) if w is None else w, x)
-        return self._dense_value(h if w is None else w * h, n_frozen, current_B)
+        return self._dense_update(h if w is None else w * h, n_frozen, current_B, y)
 
-    def _routed_value(self, h, n_frozen, current_B, x) -> torch.Tensor:
+    def _routed_update(self, h, n_frozen, current_B, x, y) -> torch.Tensor:
         """MoRAM: Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those."""
         delta = None if self.training else self.delta                # Eq. 8 acts at inference only
         routed = kernels.fused_route_topk(h, self.k, self.tau, delta, self.config.eps,
@@ -369,21 +371,32 @@ class MoRAMLayer(nn.Module):
             self._accumulate_kept(idx, routed[2], h.shape[-1], x)
         n_atoms, k_eff = h.shape[-1], idx.shape[-1]
         if n_atoms >= kernels.SPARSE_MIN_ATOMS_PER_K * k_eff:
-            return kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
+            value = kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
+            return _add_residual(y, value)
         # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept
         # coefficients are already every atom's, in order (indices 0..R-1).
         mixed = coef if k_eff == n_atoms else coef.new_zeros(h.shape).scatter_add(-1, idx, coef)
-        return self._dense_value(mixed, n_frozen, current_B)
+        return self._dense_update(mixed, n_frozen, current_B, y)
 
-    def _dense_value(self, mixed: torch.Tensor, n_frozen: int, current_B: torch.Tensor | None) -> torch.Tensor:
-        """[frozen values | current_B] · mixed, as two products (no concatenated bank)."""
-        if current_B is None:
-            return mixed @ self.frozen_values
-        current = mixed[..., n_frozen:] @ current_B.t()
-        if not n_frozen:
-            return current
-        return torch.addmm(current.reshape(-1, current.shape[-1]), mixed[..., :n_frozen].reshape(-1, n_frozen),
-                           self.frozen_values).view(current.shape)
+    def _dense_update(self, mixed: torch.Tensor, n_frozen: int, current_B: torch.Tensor | None,
+                      y: torch.Tensor) -> torch.Tensor:
+        """y + [frozen values | current_B] · mixed, as addmm's onto y (no concatenated bank)."""
+        if mixed.dtype != y.dtype:  # atoms kept in another dtype than the base: add at the end
+            value = self._dense_update(mixed, n_frozen, current_B, mixed.new_zeros(*mixed.shape[:-1], y.shape[-1]))
+            return y + value.to(y.dtype)
+        out = y.reshape(-1, y.shape[-1])
+        rows = mixed.reshape(-1, mixed.shape[-1])
+        # In place onto y only without autograd; with it, onto the first addmm's own fresh output
+        # (addmm's backward does not read its output).
+        in_place = not torch.is_grad_enabled()
+        if current_B is not None:
+            current = rows[:, n_frozen:]
+            out = out.addmm_(current, current_B.t()) if in_place else torch.addmm(out, current, current_B.t())
+            in_place = True
+        if n_frozen:
+            frozen = rows[:, :n_frozen]
+            out = out.addmm_(frozen, self.frozen_values) if in_place else torch.addmm(out, frozen, self.frozen_values)
+        return out.view(y.shape)
 
     def mixture_weights(self, h: torch.Tensor, x: torch.Tensor, current: bool) -> torch.Tensor | None:
         """w over the routed atoms; None means every atom counts fully (the LoRA baselines)."""
@@ -396,3 +409,11 @@ class MoRAMLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, frozen_atoms={self.num_frozen}, "
                 f"current_atoms={self.num_current}, method={self.method.name}")
+
+
+def _add_residual(y: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """y + value, reusing a buffer where autograd allows: y itself without autograd, else
+    ``value`` (the layer's own fresh output of embedding_bag/addmm, whose backward does not read it)."""
+    if value.dtype != y.dtype or value.shape != y.shape:
+        return y + value.to(y.dtype)
+    return y.add_(value) if not torch.is_grad_enabled() else value.add_(y)
