@@ -182,3 +182,21 @@ def test_a_tokenizer_without_eos_is_refused(tiny_llama, smollm2_tokenizer):
     tok.eos_token = None
     with pytest.raises(ValueError, match="has no EOS token, so generation could not stop before max_new_tokens"):
         generate_answers(tiny_llama, tok, ["x"], "moram-repo", progress=False)
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_stops_at_eos_well_before_the_default_512(smollm2_model_dir, trace_root):
+    # The default budget is the official 512 new tokens; a batch ends once every row has produced
+    # EOS. SmolLM2-135M-Instruct (untrained) ends FOMC answers within a few dozen tokens.
+    from moram.loading import load_causal_lm
+
+    model, tok = load_causal_lm(smollm2_model_dir, dtype=torch.float32)
+    prompts = [e.prompt for e in load_split(trace_root, "FOMC", "test", max_examples=4)]
+    spy, kept = SpyGenerator(model), KeepOutput(None)
+    kept.model = spy
+    answers = generate_answers(kept, tok, prompts, "moram-repo", task="FOMC", batch_size=4, progress=False)
+    new_tokens = kept.outputs[0][:, spy.calls[0]["input_ids"].shape[1]:]
+    assert spy.calls[0]["max_new_tokens"] == MAX_NEW_TOKENS == 512
+    assert 1 <= new_tokens.shape[1] < 100                              # measured: 30 steps
+    assert all((row == tok.eos_token_id).any() for row in new_tokens)   # every row ended with EOS
+    assert len(answers) == 4 and all(tok.eos_token not in a for a in answers)
