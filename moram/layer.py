@@ -370,7 +370,9 @@ class MoRAMLayer(nn.Module):
         if self.collect_stats:
             self._accumulate_kept(idx, routed[2], h.shape[-1], x)
         n_atoms, k_eff = h.shape[-1], idx.shape[-1]
-        if n_atoms >= kernels.SPARSE_MIN_ATOMS_PER_K * k_eff:
+        # The switch points are measured (docs/performance.md), later where a backward follows.
+        per_k = kernels.SPARSE_MIN_ATOMS_PER_K_TRAINING if h.requires_grad else kernels.SPARSE_MIN_ATOMS_PER_K
+        if n_atoms >= per_k * k_eff:
             value = kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
             return _add_residual(y, value)
         # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept

@@ -5,14 +5,15 @@
 - fused_route_topk(h, k, tau, delta, eps) -> (coef [..., k_eff], idx [..., k_eff]): the same,
   keeping only the atoms each token selected (return_weights=True adds the kept w).
 - sparse_value(coef, idx, B, current_B=None) -> Δy [..., d_out]: [B | current_B] · (w ⊙ h) from
-  the selected atoms only, dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms.
+  the selected atoms only, dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms
+  (SPARSE_MIN_ATOMS_PER_K_TRAINING · k_eff where a backward follows: the layer's choice).
 See docs/performance.md.
 """
 from .routing import BACKENDS, fused_route_mix, fused_route_topk, route_topk_reference
 from .routing_triton import triton_available
-from .sparse_value import SPARSE_MIN_ATOMS_PER_K, dense_value, sparse_value
+from .sparse_value import SPARSE_MIN_ATOMS_PER_K, SPARSE_MIN_ATOMS_PER_K_TRAINING, dense_value, sparse_value
 
 __all__ = [
-    "BACKENDS", "SPARSE_MIN_ATOMS_PER_K", "dense_value", "fused_route_mix", "fused_route_topk",
+    "BACKENDS", "SPARSE_MIN_ATOMS_PER_K", "SPARSE_MIN_ATOMS_PER_K_TRAINING", "dense_value", "fused_route_mix", "fused_route_topk",
     "route_topk_reference", "sparse_value", "triton_available",
 ]

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 # 16 atoms trainable): sparse wins the forward from R ~ 4-6 k and forward+backward from R ~ 6-8 k;
 # at 8 k it won both at both widths. docs/performance.md has the table.
 SPARSE_MIN_ATOMS_PER_K = 8
+# With a backward to run (training), since the layer fuses the dense value into addmm's onto the
+# base output, the dense path stays faster for longer: at k = 8, 1024 tokens, d_in = 576 the
+# sparse forward+backward was 1.24 / 1.09 / 1.00x the dense one at R = 64 / 128 / 256 for
+# d_out = 576, and 1.04 / 0.95 / 0.94x for d_out = 192 (docs/performance.md): sparse from 24 k.
+SPARSE_MIN_ATOMS_PER_K_TRAINING = 24
 
 
 def dense_value(coef: torch.Tensor, idx: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
