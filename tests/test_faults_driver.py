@@ -46,9 +46,27 @@ def job(config: Path, run: str) -> list[str]:
             "--quiet"]
 
 
-def start(command, log: Path) -> subprocess.Popen:
+def start(command, log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "ab") as handle:   # its own session: the kill takes the embedded Ray with it
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def with_fault(spec: str) -> dict:
+    """The environment of a job that injects a fault inside a commit (moram_platform.registry.faults)."""
+    return {**os.environ, "MORAM_FAULT_IN_COMMIT": spec}
+
+
+def killed_in_commit(command, log: Path, spec: str, timeout: float = 1200) -> None:
+    """Run the job until the fault hook SIGKILLs it (driver and embedded Ray) at ``spec``."""
+    process = start(command, log, with_fault(spec))
+    try:
+        returncode = process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert returncode == -signal.SIGKILL, f"{spec}: exit {returncode}, not the injected kill:\n" + \
+        log.read_text()[-4000:]
 
 
 def finish(command, log: Path, timeout: float = 1200) -> None:
@@ -172,6 +190,83 @@ def test_a_driver_killed_during_evaluation_resumes_without_retraining(setup, mlf
     assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
 
 
+def test_a_driver_killed_inside_a_commit_leaves_no_partial_version_and_the_rerun_completes(setup, mlflow_server):
+    """Killed exactly between the shard write and the manifest create, then (on the rerun) exactly
+    after the manifest create: neither kill leaves a partial or duplicate version, and the final
+    rerun neither retrains, nor re-evaluates what was recorded, nor opens a second MLflow run."""
+    folder, config, registry, experiment, reference = setup
+    run, log = "killed-in-commit", folder / "killed-in-commit.log"
+
+    # -- 1: version 2's shard is written and read back, its manifest not created ------------------
+    killed_in_commit(job(config, run), log, "kill-before-manifest@2")
+    assert registry.versions(run) == [1]                              # no partial version 2
+    registry.verify(run, 1)
+    assert len(registry.storage.children(f"{run}/shards")) == 2        # the kill landed after the shard write
+    manifest_1 = registry.storage.read(manifest_key(run, 1))
+    records = registry.storage.children(f"{run}/evaluations")
+    assert len(records) == 1
+    record_1 = registry.storage.read(f"{run}/evaluations/{records[0]}")
+
+    # -- 2: the rerun resumes task 2 from its checkpoint, creates the manifest and is killed -------
+    killed_in_commit(job(config, run), log, "kill-after-manifest@2")
+    assert registry.versions(run) == [1, 2]
+    registry.verify(run, 2)
+    manifest_2 = registry.storage.read(manifest_key(run, 2))
+    assert registry.storage.children(f"{run}/evaluations") == records   # version 2 not evaluated yet
+
+    # -- 3: the same command completes ------------------------------------------------------------
+    finish(job(config, run), log)
+
+    assert registry.versions(run) == [1, 2]                            # no duplicate version
+    assert registry.storage.read(manifest_key(run, 1)) == manifest_1
+    assert registry.storage.read(manifest_key(run, 2)) == manifest_2   # not committed again
+    assert registry.storage.read(f"{run}/evaluations/{records[0]}") == record_1   # not recomputed
+    assert len(registry.storage.children(f"{run}/evaluations")) == 2
+    assert 1 <= registry.version(run, 2).metrics["resumed_from_step"] <= STEPS
+    assert_same_atoms(atoms(registry, run, 1), atoms(registry, reference, 1))
+    assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+    assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+    assert latest_lease(registry.storage, run)[1].released
+    print(f"shards stored: {len(registry.storage.children(f'{run}/shards'))}; version 2 resumed from step "
+          f"{registry.version(run, 2).metrics['resumed_from_step']} of {STEPS}")
+
+
+def test_the_s3_server_dies_during_a_manifest_create_and_a_rerun_completes(setup, restartable_s3, mlflow_server):
+    """The commit of version 2 pauses after its shard write (fault hook); the server is SIGKILLed
+    there, so the manifest create meets a dead server."""
+    folder, config, registry, experiment, reference = setup
+    run, log = "s3-outage-in-manifest", folder / "s3-outage-in-manifest.log"
+    marker = folder / "before-manifest-2"
+    first = start(job(config, run), log, with_fault(f"pause-before-manifest@2={marker}"))
+    deadline = time.monotonic() + 900
+    while not marker.exists():
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    restartable_s3.stop()                          # SIGKILL, like a crashed storage node
+    marker.write_text("go")                        # the commit goes on: the manifest create
+    try:
+        returncode = first.wait(timeout=1200)
+    finally:
+        restartable_s3.start()
+    output = log.read_text()
+    run_log = (folder / "logs" / f"{run}.log").read_text()
+    assert returncode == 1, output[-4000:]
+    assert f"error: s3://moram-tests/{experiment}/{run}/" in output or f"error: run {run}: commit" in output, \
+        output[-4000:]
+    assert "nothing partial was committed" in output and "rerun the same command to resume" in output
+    assert "Traceback" not in output.split("error: ", 1)[1]
+    assert f"s3://moram-tests/{experiment}/{run}/versions/00000002.json: create failed" in output + run_log
+    assert registry.versions(run) == [1]           # no partial version 2
+    registry.verify(run, 1)
+
+    finish(job(config, run), log)
+
+    assert registry.versions(run) == [1, 2]
+    registry.verify(run, 2)
+    assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+    assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+
+
 def test_the_s3_server_dies_mid_job_and_a_rerun_once_it_is_back_completes(setup, restartable_s3, mlflow_server):
     folder, config, registry, experiment, reference = setup
     run, log = "s3-outage", folder / "s3-outage.log"
@@ -199,6 +294,72 @@ def test_the_s3_server_dies_mid_job_and_a_rerun_once_it_is_back_completes(setup,
     registry.verify(run, 2)
     assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
     assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+
+
+def test_a_full_run_folder_stops_the_job_cleanly_and_a_rerun_after_freeing_space_completes(setup, mlflow_server,
+                                                                                          tmp_path):
+    """run.output_dir (Ray Train checkpoints, the job's log) on a real 64 MB tmpfs, filled up
+    once version 1 is committed: task 2 cannot checkpoint. The registry is on S3."""
+    from test_faults_disk import fill
+
+    folder, config, registry, experiment, reference = setup
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode}): needs root")
+    try:
+        raw = yaml.safe_load(config.read_text())
+        raw["run"]["output_dir"] = str(disk / "run")
+        small = tmp_path / "full-disk.yaml"
+        small.write_text(yaml.safe_dump(raw))
+        run, log = "disk-full", tmp_path / "disk-full.log"   # the test's own log is not on the small disk
+        first = start(job(small, run), log)
+        deadline = time.monotonic() + 900
+        while registry.versions(run) != [1]:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        fill(disk)
+        returncode = first.wait(timeout=1200)
+        output = log.read_text()
+        assert returncode == 1, output[-4000:]
+        assert "No space left on device" in output and "free space" in output, output[-4000:]
+        assert "Traceback" not in output, output[-4000:]
+        assert registry.versions(run) == [1]                         # no partial version 2
+        registry.verify(run, 1)
+
+        (disk / "filler").unlink()
+        finish(job(small, run), log)
+
+        assert registry.versions(run) == [1, 2]
+        registry.verify(run, 2)
+        assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
+        assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_mlflow_down_from_the_start_stops_the_job_before_any_work(setup, tmp_path):
+    """Never reachable: the job stops at its first MLflow call, before any training, with one
+    line; nothing is committed and the run is free for the rerun."""
+    import socket
+
+    folder, config, registry, experiment, reference = setup
+    with socket.socket() as probe:         # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run, log = "mlflow-never-up", tmp_path / "mlflow-never-up.log"
+    impatient = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    with open(log, "ab") as handle:
+        done = subprocess.run([*job(config, run), "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}"],
+                              stdout=handle, stderr=subprocess.STDOUT, env=impatient, timeout=600)
+    output = log.read_text()
+    assert done.returncode == 1, output[-4000:]
+    assert f"error: MLflow at http://127.0.0.1:{port} failed" in output and "rerun the same command" in output
+    assert registry.versions(run) == []                              # stopped before any training
+    assert not (folder / "ray_train" / f"{run}-task-0").exists()
+    assert latest_lease(registry.storage, run)[1].released           # the rerun may start at once
 
 
 def test_no_credential_in_anything_the_runs_wrote(setup, s3_server, mlflow_server, tmp_path):
@@ -281,7 +442,7 @@ def test_mlflow_dies_mid_run_the_job_stops_cleanly_and_the_rerun_fills_in(tmp_pa
         for found in client.search_runs([client.get_experiment_by_name(f"faults-{name}").experiment_id]):
             if found.info.run_name == "task-0-C-STANCE":                                # what MLflow missed
                 assert "task_score" in found.data.metrics and "eval/FOMC" in found.data.metrics
-                assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"plots", "shard"}
+                assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"activation_map.png", "shard"}
             if found.info.run_name == run:
                 assert "OP" in found.data.metrics
                 assert {"accuracy_matrix.csv", "resolved_config.yaml"} <= {
