@@ -57,3 +57,26 @@ def test_a_commit_on_a_full_disk_fails_cleanly_and_succeeds_after_space_is_freed
     version = registry.commit("run", shard, base_model=BASE)
     assert version.version == 2 and registry.versions("run") == [1, 2]
     registry.verify("run", 2)
+
+
+def test_a_job_log_on_a_full_disk_is_one_warning_not_a_traceback_per_record(small_disk, capsys):
+    import logging
+
+    from moram_platform.console import _LazyFileHandler
+
+    (small_disk / "logs").mkdir()
+    fill(small_disk)
+    handler = _LazyFileHandler(small_disk / "logs" / "run.log")
+    logger = logging.getLogger("test-full-disk")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for number in range(3):
+            logger.warning("record %d %s", number, "x" * 10_000)
+        handler.write_lines(["a worker's line"] * 100)     # Ray workers' output, routed to the file
+    finally:
+        logger.removeHandler(handler)
+        logging.shutdown([lambda: handler])               # as at exit: a failed flush is not raised
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write the log file {small_disk / 'logs' / 'run.log'}: No space left") == 1
+    assert "Traceback" not in err and "Logging error" not in err
