@@ -12,16 +12,20 @@ noise hits all alike, and reports medians:
     train     one step: forward + backward + AdamW, as a ratio to PEFT LoRA
     saved     bytes autograd keeps for the backward of that step (CPU: the activation memory, a
               load-independent stand-in for peak memory); CUDA: peak allocated memory
-    prefill   a no-grad forward over the batch, as a ratio to the base model
+    prefill   a forward over the batch under torch.inference_mode (all candidates alike), as a
+              ratio to the base model
     decode    greedy generation of --new tokens per sequence after a 32-token prompt, tokens/s
 
 On CPU the clock is the CPU time of the one compute thread (torch.set_num_threads(1)): on a
 shared machine wall time measures the other tenants. Needs `peft` (the test extra).
+``--json PATH`` also writes the rows (seconds, bytes, tokens/s, the load average) as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import time
 
@@ -115,7 +119,7 @@ def saved_bytes(model, ids, device) -> float:
 
 def prefill(model, ids):
     def run():
-        with torch.no_grad():
+        with torch.inference_mode():
             model(input_ids=ids)
 
     return run
@@ -123,7 +127,7 @@ def prefill(model, ids):
 
 def decode(model, prompt, new_tokens):
     def run():
-        with torch.no_grad():
+        with torch.inference_mode():
             model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
 
@@ -174,16 +178,21 @@ def print_row(row, flush=False):
           f"{gen['base']:.1f} | {gen['moram']:.1f} | {gen['lora']:.1f} |", flush=flush)
 
 
-def llama_1b(device):
-    """Random weights in the shape of Llama-3.2-1B, bf16 (a shape, not a model)."""
+LLAMA_SHAPES = {  # random weights in a shape (not a model): speed and memory do not depend on the weights
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8),   # Llama-3.2-1B
+    "llama-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2),  # a dry run of the script
+}
+
+
+def llama_shaped(shape: str, device, dtype=torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def main() -> None:
@@ -194,22 +203,51 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--new", type=int, default=16, help="decoded tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows here, as JSON")
+    parser.add_argument("--model", default="auto", choices=["auto", "smollm2", *LLAMA_SHAPES],
+                        help="auto: SmolLM2-135M on CPU (fp32), llama-1b on CUDA (bf16); llama-tiny: a dry run")
     args = parser.parse_args()
+    results = {"args": vars(args), "loadavg_start": os.getloadavg(), "runs": []}
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
-    if args.device != "cuda":
+    if args.model in LLAMA_SHAPES:  # one llama-shaped model on the one device asked for
+        device = torch.device("cuda" if want_cuda else "cpu")
+        dtype = torch.bfloat16 if want_cuda else torch.float32
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        clock = time.perf_counter if want_cuda else time.thread_time
+        print_header(f"{args.model} (random), {device.type}, {dtype}, batch {args.batch}x{args.seq}")
+        rows = bench_model(llama_shaped(args.model, device, dtype), device, clock, args.atoms, args.batch, args.seq,
+                           args.new, args.repeats)
+        results["runs"].append(as_json(args.model, device.type, str(dtype), "wall s" if want_cuda else "thread CPU s",
+                                       rows))
+        want_cuda = False
+    elif args.device != "cuda" and args.model in ("auto", "smollm2"):
         torch.set_num_threads(1)  # all the work in the timed thread
         base, _ = moram.load_causal_lm(moram.smollm2_path(), dtype=torch.float32)
         print_header(f"SmolLM2-135M, CPU, fp32, batch {args.batch}x{args.seq}, decode batch {args.batch}: "
                      "seconds are CPU time of one thread")
-        bench_model(base, torch.device("cpu"), time.thread_time, args.atoms, args.batch, args.seq, args.new,
-                    args.repeats)
+        rows = bench_model(base, torch.device("cpu"), time.thread_time, args.atoms, args.batch, args.seq, args.new,
+                           args.repeats)
+        results["runs"].append(as_json("SmolLM2-135M", "cpu", "float32", "thread CPU s", rows))
         del base
     if want_cuda:
         device = torch.device("cuda")
         print_header(f"1B LLaMA-shaped random model, CUDA, bf16, batch {args.batch}x{args.seq}: wall seconds")
-        bench_model(llama_1b(device), device, time.perf_counter, args.atoms, args.batch, args.seq, args.new,
-                    args.repeats)
+        rows = bench_model(llama_shaped("llama-1b", device), device, time.perf_counter, args.atoms, args.batch,
+                           args.seq, args.new, args.repeats)
+        results["runs"].append(as_json("1B LLaMA-shaped random", torch.cuda.get_device_name(), "bfloat16", "wall s",
+                                       rows))
+    results["loadavg_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+def as_json(model: str, device: str, dtype: str, clock: str, rows) -> dict:
+    keys = ("atoms", "train_s", "saved_bytes", "prefill_s", "decode_tokens_per_s")
+    return {"model": model, "device": device, "dtype": dtype, "clock": clock,
+            "rows": [dict(zip(keys, row)) for row in rows]}
 
 
 if __name__ == "__main__":
