@@ -50,7 +50,7 @@ JOB_KEYS = {
     "data.root": NAME + ["null"], "data.tasks": ["[]", "FOMC", "[FOMC, FOMC]", "[1]", "['']", "null"],
     "data.max_train_examples": POSITIVE_INT, "data.max_eval_examples": POSITIVE_INT,
     "data.eval_split": CHOICE + ["train"], "data.max_prompt_tokens": POSITIVE_INT + ["null"],
-    "data.long_prompt_tasks": ["[1]", "{FOMC: 0}", "{FOMC: -1}", "{FOMC: abc}", "abc"],
+    "data.long_prompt_tasks": ["[1]", "{FOMC: 0}", "{FOMC: -1}", "{FOMC: abc}", "abc", "{MeetingBnk: 4096}"],
     "data.max_answer_tokens": POSITIVE_INT,
     # train
     "train.epochs": ["0", "-1", "1.5", "abc", "[]", "[1, 0, 1]", "[1, 2]", "true"],

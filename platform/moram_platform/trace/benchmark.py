@@ -56,6 +56,9 @@ class TraceBenchmark:
     def validate_config(self, config: JobConfig) -> list[str]:
         if config.eval.profile is not None and config.eval.profile not in PROFILES:
             return [f"eval.profile: must be one of {list(PROFILES)}, got {config.eval.profile!r}"]
+        unknown = sorted(set(config.data.long_prompt_tasks) - set(TASK_METRIC))   # a typo would be ignored
+        if unknown:
+            return [f"data.long_prompt_tasks: names tasks TRACE does not know: {unknown}; known: {sorted(TASK_METRIC)}"]
         return []
 
     def eval_profile(self, config: JobConfig) -> str:
