@@ -389,12 +389,14 @@ class MoRAMLayer(nn.Module):
         out = y.reshape(-1, y.shape[-1])
         rows = mixed.reshape(-1, mixed.shape[-1])
         # In place onto y only without autograd; with it, onto the first addmm's own fresh output
-        # (addmm's backward does not read its output).
-        in_place = not torch.is_grad_enabled()
+        # (addmm's backward does not read its output). Never under autocast: it casts addmm's
+        # inputs, not an in-place addmm_'s.
+        autocast = torch.is_autocast_enabled(y.device.type)
+        in_place = not torch.is_grad_enabled() and not autocast
         if current_B is not None:
             current = rows[:, n_frozen:]
             out = out.addmm_(current, current_B.t()) if in_place else torch.addmm(out, current, current_B.t())
-            in_place = True
+            in_place = not autocast
         if n_frozen:
             frozen = rows[:, :n_frozen]
             out = out.addmm_(frozen, self.frozen_values) if in_place else torch.addmm(out, frozen, self.frozen_values)

@@ -90,6 +90,32 @@ def test_one_layer_matches_the_equations_in_value_and_gradient(frozen, current, 
         torch.testing.assert_close(fast_eval, layers["off"].eval()(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("frozen, k", [(12, 2), (40, 2), (0, 2)], ids=["dense", "sparse", "no-bank"])
+def test_under_autocast_the_fused_residual_matches_the_equations(frozen, k):
+    """The torch engine trains under bf16 autocast: the fused residual (addmm onto the base output)
+    must not mix dtypes in place. Same layer both ways, to bf16 rounding (1 step at |y| ~ 10)."""
+    results = {}
+    for path in ("auto", "off"):
+        torch.manual_seed(0)
+        layer = MoRAMLayer(nn.Linear(16, 8), MoRAMConfig(r=4, k=k, dropout=0.0, fast_path=path, target_modules=["x"]),
+                           name="l")
+        if frozen:
+            layer.append_frozen(torch.randn(frozen, 16), torch.randn(8, frozen))
+        layer.begin_task(0)
+        layer.current_trained = True
+        with torch.no_grad():
+            layer.B.normal_()
+        x = torch.randn(3, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trained = layer.train()(x)
+            trained.float().square().sum().backward()
+            with torch.no_grad():
+                served = layer.eval()(x)
+        results[path] = (trained.float(), served.float(), layer.A.grad)
+    for fast, slow in zip(results["auto"], results["off"]):
+        torch.testing.assert_close(fast, slow, atol=0.07, rtol=0.02)
+
+
 def test_the_frozen_bank_grows_geometrically_and_frozen_A_B_are_views_of_its_filled_part():
     layer = MoRAMLayer(nn.Linear(6, 4), MoRAMConfig(r=3, target_modules=["x"]), name="l")
     capacities = []
