@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from moram_platform.tracking import KIND_TAG, NOTE_TAG, mlflow_command  # noqa: E402
 
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"   # as the job's links: the UI's "Model training" mode
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
@@ -138,7 +139,7 @@ def look(base_url: str, parent, task, out: Path, chromium: str) -> Check:
 
     check = Check()
     experiment = parent.info.experiment_id
-    runs_view = f"{base_url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    runs_view = f"{base_url}/#/experiments/{experiment}/runs?{MODEL_TRAINING_VIEW}"
     parent_page = f"{base_url}/#/experiments/{experiment}/runs/{parent.info.run_id}"
     task_page = f"{base_url}/#/experiments/{experiment}/runs/{task.info.run_id}"
     note = parent.data.tags.get(NOTE_TAG, "")
@@ -148,7 +149,7 @@ def look(base_url: str, parent, task, out: Path, chromium: str) -> Check:
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
             profile, executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 1000})
+            viewport={"width": 1920, "height": 1200})
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)
 
@@ -158,31 +159,54 @@ def look(base_url: str, parent, task, out: Path, chromium: str) -> Check:
         _shot(page, out / "1-runs.png")
 
         print(f"2. parent run: {parent_page}")
-        page.goto(parent_page)
+        page.goto(f"{parent_page}?{MODEL_TRAINING_VIEW}")   # the page ui_url() links
         check.expect(_visible(page, "text=Accuracy matrix"), "parent page shows the description")
-        check.expect(_visible(page, "th:has-text('after \\\\ on'), td:has-text('zero-shot'), "
-                                    f"td:has-text('{tasks[0]}')"), "the description renders the matrix as a table")
-        check.expect(_visible(page, "td:has-text('OP')") or "Summary" not in note, "the description shows the summary")
+        _click_if_there(page, "text=Show more")            # the UI folds a long description
+        description = page.locator("table:has(td:text-is('zero-shot')), table:has(td:text-is('OP'))").first
+        check.expect(_visible(page, f"td:text-is('{tasks[-1]}')"), "the description renders the matrix as a table")
+        check.expect(_visible(page, "td:text-is('OP')") or "Summary" not in note, "the description shows the summary")
+        if description.count():
+            description.scroll_into_view_if_needed()
         _shot(page, out / "2-parent-overview.png")
 
         print(f"3. parent curves: {parent_page}/model-metrics")
-        page.goto(f"{parent_page}/model-metrics")
+        page.goto(f"{parent_page}/model-metrics?{MODEL_TRAINING_VIEW}")
         for key in ("OP", "BWT_signed", f"eval/{tasks[-1]}"):
-            check.expect(_visible(page, f"text={key}"), f"parent metric chart {key}")
+            check.expect(_chart(page, key), f"parent metric chart {key}")
+        _chart(page, "")                                     # every chart again, for the screenshot
         _shot(page, out / "3-parent-curves.png")
 
         print(f"4. task run curves: {task_page}/model-metrics")
-        page.goto(f"{task_page}/model-metrics")
-        check.expect(_visible(page, "text=train_loss"), "task run chart train_loss")
+        page.goto(f"{task_page}/model-metrics?{MODEL_TRAINING_VIEW}")
+        check.expect(_chart(page, "train_loss"), "task run chart train_loss")
         _shot(page, out / "4-task-loss.png")
 
         print(f"5. task run activation map: {task_page}/artifacts/activation_map.png")
-        page.goto(f"{task_page}/artifacts/activation_map.png")
+        page.goto(f"{task_page}/artifacts/activation_map.png?{MODEL_TRAINING_VIEW}")
         check.expect(_visible(page, "img[src*='activation_map.png'], img[alt*='activation_map']"),
                      "task run shows activation_map.png")
         _shot(page, out / "5-task-activation-map.png")
         browser.close()
     return check
+
+
+def _chart(page, key: str) -> bool:
+    """Filter the run's metric charts to ``key`` (charts below the fold are drawn lazily) and
+    wait for that chart's title; an empty key shows every chart again."""
+    search = page.get_by_placeholder("Search metric charts")
+    if not _visible(page, "input[placeholder='Search metric charts']"):
+        return False
+    search.fill(key)
+    if not key:
+        return True
+    title = key.rsplit("/", 1)[-1]        # charts of "eval/<task>" sit in group "eval", titled <task>
+    return _visible(page, f'text="{title}"')          # the exact title, not a substring
+
+
+def _click_if_there(page, selector: str) -> None:
+    target = page.locator(selector).first
+    if target.count():
+        target.click()
 
 
 def _visible(page, selector: str) -> bool:

@@ -87,6 +87,9 @@ def test_the_parent_draws_curves_once_per_task_and_describes_the_matrix(tracker)
     assert "| BWT_signed | -10.00 |" in note and "Tasks done: 2 of 2" in note
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40     # the tests run in a git checkout
+    # the UI opens the experiment on its runs ("Model training"), not on MLflow 3's GenAI pages
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in tracker.ui_url(parent)
 
 
 def test_a_task_run_gets_its_loss_curve_params_and_plots_at_the_top_level(tracker, tmp_path):

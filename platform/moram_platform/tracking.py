@@ -19,6 +19,10 @@ from mlflow.tracking import MlflowClient
 
 RUN_ID_TAG, KIND_TAG, TASK_TAG = "moram.run_id", "moram.kind", "moram.task_index"
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI pages (traces, evaluations);
+# this kind opens it on runs and their charts.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+_MODEL_TRAINING_VIEW = "workflowType=machine_learning"   # a link's query: the UI's "Model training" mode
 # A key is a secret when one of its words is (``aws_secret_access_key``, ``hf_token``, ``apiKey``),
 # not when a word merely contains one: ``max_new_tokens`` counts tokens, it is no credential.
 _SECRET_WORDS = re.compile(r"(?:^|_)(secret|password|passwd|token|credentials?|api_?key|access_?key|private_?key)(?:_|$)",
@@ -139,9 +143,12 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made before the tag was set
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=local_artifact_location(self.tracking_uri))
+            return self.client.create_experiment(name, artifact_location=local_artifact_location(self.tracking_uri),
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except mlflow.exceptions.MlflowException:  # created concurrently
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -251,9 +258,9 @@ class Tracker:
         """Where to look at the run: its page on a tracking server, or, for a local store, the
         command that serves it (runnable from a fresh shell) and the page that lists its runs."""
         uri = redact(self.tracking_uri)
-        runs_view = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        runs_view = f"#/experiments/{self.experiment_id}/runs?{_MODEL_TRAINING_VIEW}"
         if uri.startswith(("http://", "https://")):
-            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{_MODEL_TRAINING_VIEW}"
         return (f"{mlflow_command()} ui --backend-store-uri {uri}\n"
                 f"          then open http://127.0.0.1:5000/{runs_view}  (run {run_id})")
 
