@@ -99,8 +99,17 @@ def run(config, args) -> int:
     print(result.table())
     print(f"\nregistry: {result.registry_uri} (versions {result.versions})")
     print(f"MLflow:   {result.mlflow_url}")
+    if result.versions:
+        print(f"generate: {_moram_command()} generate --registry {result.registry_uri} --run {result.run_id} "
+              f"--version {result.versions[-1]} \"your prompt\"")
     print(f"log:      {_shown(log_file)}")
     return 0
+
+
+def _moram_command() -> str:
+    """The ``moram`` console script of this interpreter's environment (works from a fresh shell)."""
+    script = Path(sys.executable).parent / "moram"
+    return str(script) if script.is_file() else "moram"
 
 
 def start_ray(console) -> None:

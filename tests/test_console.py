@@ -22,9 +22,16 @@ def test_a_bar_is_one_line_when_it_closes():
     bars = _PlainBars(stream=out)
     bars.update([bar_state(x) for x in range(0, 16)])
     assert out.getvalue() == ""
-    bars.update([bar_state(16, closed=True)])
+    bars.update([bar_state(16, closed=True), bar_state(16, closed=True)])   # Ray may send the last state twice
     [line] = out.getvalue().splitlines()
-    assert line.startswith("  train sst2 [1/3]: 16/16 step in ")
+    assert line == "  train sst2 [1/3]: 16/16 step"   # opened and closed within a second: no time shown
+
+
+def test_a_bar_seen_only_closed_is_its_description():
+    # An evaluation bar of one task, opened and closed within one flush: no count, no time.
+    out = io.StringIO()
+    _PlainBars(stream=out).update([bar_state(1, closed=True, total=1, desc="  eval version 1: SST-2 70.0")])
+    assert out.getvalue() == "  eval version 1: SST-2 70.0\n"
 
 
 @pytest.fixture

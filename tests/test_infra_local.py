@@ -115,6 +115,7 @@ def smoke_result(stdout: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
     up = script("up.sh", state_dir, "--num-cpus", "2")
@@ -205,6 +206,7 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(300)
 def test_a_failed_start_stops_what_it_started(state_dir):
     up = script("up.sh", state_dir, "--num-cpus", "-1")       # SeaweedFS and MLflow start, then Ray fails
@@ -225,6 +227,7 @@ def test_a_damaged_state_file_is_named(state_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_trace_job_on_the_stack_then_after_a_restart(state_dir):
     """The real jobs/trace.py (SmolLM2-135M, TRACE-500, Ray Train + DeepSpeed) submitted to the

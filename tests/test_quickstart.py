@@ -40,6 +40,7 @@ def test_quickstart_finishes_and_says_where_to_look(quickstart):
     assert "mlflow ui --backend-store-uri sqlite:///" in job.stdout, job.stdout[-2000:]
     assert "runs?workflowType=machine_learning" in job.stdout
     assert f"{out}/registry" in job.stdout
+    assert "generate --registry file://" in job.stdout and "--run quickstart --version 3" in job.stdout
     assert (out / "logs" / "quickstart.log").is_file()
 
 

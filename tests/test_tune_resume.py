@@ -16,7 +16,7 @@ from moram_platform.registry import Registry, manifest_key
 from fixtures.paths import PROJECT_ROOT
 from fixtures.tiny_lm import tiny_trace_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1200)]
 TASKS = ["C-STANCE", "FOMC"]
 
 
