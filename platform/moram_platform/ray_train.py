@@ -63,15 +63,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             ray.train.report({"step": progress.step, "train_loss": progress.losses[-1]},
                              checkpoint=Checkpoint.from_directory(folder))
 
+    step_kwargs = dict(on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False,
+                       **carry_folders(config, loop["run_id"], loop["task_index"]))
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             result = train_task(config, benchmark, loop["task_index"], shards, world, checkpoint_dir=folder,
-                                on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False,
-                                **carry_folders(config, loop["run_id"], loop["task_index"]))
+                                **step_kwargs)
     else:
-        result = train_task(config, benchmark, loop["task_index"], shards, world,
-                            on_step=on_step, on_checkpoint=on_checkpoint, progress_bar=False,
-                            **carry_folders(config, loop["run_id"], loop["task_index"]))
+        result = train_task(config, benchmark, loop["task_index"], shards, world, **step_kwargs)
     if bar is not None:
         bar.close()
     metrics = result.metrics()
