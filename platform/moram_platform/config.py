@@ -156,7 +156,7 @@ class EvalSection(Section):
     max_new_tokens: AtLeastOne = Field(512, description="generation budget per answer (the official runners' "
                                                          "--max_ans_len; a batch stops once every row has "
                                                          "produced EOS)")
-    batch_size: AtLeastOne = Field(8, description="evaluation batch size")
+    batch_size: AtLeastOne = Field(8, description="evaluation batch size (prompts are batched in order of length)")
     baseline: Bool = Field(True, description="also evaluate the base model (version 0): the zero-shot row, for "
                                              "FWT")
 

@@ -112,6 +112,14 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
     (returns prompt + new tokens). ``seed`` seeds torch's global RNG (the "trace" profile samples).
     A batch stops when every row has produced EOS (finished rows get the pad token, which is
     not decoded), so short answers cost a few steps however large ``max_new_tokens`` is.
+
+    Batches are cut from the prompts ordered by token length, longest first (a too-long batch
+    fails at once), and the answers come back in the order of ``prompts``: a batch of similar
+    lengths pads little, and padding is computed like any token (SST-2, AG News and DBpedia,
+    50 prompts each in batches of 25: 21.5k prompt tokens computed in file order, 18.2k in
+    length order, for 14.1k real ones; in batches of 8: 18.9k and 14.8k). Each row sees the
+    same tokens either way (left padding is masked); under the sampling profile the random
+    draws fall on other rows than in file order.
     """
     profile = get_profile(profile)
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -127,20 +135,24 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
         model.eval()
     if seed is not None:
         torch.manual_seed(seed)
-    answers: list[str] = []
+    answers = [""] * len(prompts)   # filled in the order of ``prompts``
     try:
         with tqdm(total=len(prompts), desc=f"{task or 'generate'} [{profile.name}]", unit="ex",
                   disable=not progress) as bar:
-            for start in range(0, len(prompts), batch_size):
-                batch = collate(list(prompts[start:start + batch_size]))
+            encoded = collate.encode(list(prompts))
+            order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))   # stable: ties keep file order
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = collate.pad([encoded[i] for i in rows])
                 output = model.generate(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     max_new_tokens=max_new_tokens, pad_token_id=collate.pad_id,
                     eos_token_id=tokenizer.eos_token_id, **profile.generation,
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1]:]
-                answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True,
-                                                  clean_up_tokenization_spaces=False)
+                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                for row, answer in zip(rows, decoded):
+                    answers[row] = answer
                 bar.update(len(new_tokens))
     finally:
         if was_training and hasattr(model, "train"):

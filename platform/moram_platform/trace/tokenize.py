@@ -193,7 +193,12 @@ class GenerationCollator(_Collator):
     """``collate_fn`` for generation: examples (or prompt strings) -> left-padded prompts only."""
 
     def __call__(self, batch: Sequence[TraceExample | Mapping[str, str] | str]) -> dict[str, torch.Tensor]:
-        prompts = [_prompt_of(e) for e in batch]
+        return self.pad(self.encode(batch))
+
+    def encode(self, batch: Sequence[TraceExample | Mapping[str, str] | str]) -> list[list[int]]:
+        """Each prompt's token ids, cut to the task's limit (BOS first where the tokenizer adds one)."""
         limit, keep_start = self.config.prompt_limit(self.task), self.config.keeps_prompt_start(self.task)
-        encoded = [encode_prompt(self.tokenizer, p, limit, self.config.add_bos, keep_start) for p in prompts]
+        return [encode_prompt(self.tokenizer, _prompt_of(e), limit, self.config.add_bos, keep_start) for e in batch]
+
+    def pad(self, encoded: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         return pad_for_generation(encoded, self.pad_id, self.pad_to_multiple_of)
