@@ -91,6 +91,7 @@ def test_errors_reach_the_caller_as_registry_errors(ray_runtime, registry_uri, r
         ray.get(actor.commit.remote(synthetic_shard("a", 0, seed=5), base_model=BASE))
 
 
+@pytest.mark.slow   # a fault drill: the actor's process is killed and restarted by Ray (13-18 s each)
 def test_killed_between_commits_loses_nothing(ray_runtime, registry_uri, run_id):
     actor = get_registry_actor(registry_uri, run_id)
     for i in range(2):
@@ -118,6 +119,7 @@ def kill_when(actor, moment: str, storage, shard_key_: str) -> None:
     ray.kill(actor, no_restart=False)
 
 
+@pytest.mark.slow   # a fault drill: the actor's process is killed and restarted by Ray (13-18 s each)
 def test_killed_during_commits_shows_nothing_half_written(ray_runtime, registry_uri, run_id):
     actor = get_registry_actor(registry_uri, run_id)
     ray.get(actor.commit.remote(synthetic_shard("t0", 0), base_model=BASE))
