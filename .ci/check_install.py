@@ -32,16 +32,11 @@ import torch  # noqa: E402
 
 def prebuild_deepspeed_ops() -> str:
     """DeepSpeed compiles its CPU communication op the first time a job starts an engine (~45 s
-    on 2 cores, then cached under TORCH_EXTENSIONS_DIR): build it now, as part of the install,
-    the way deepspeed.comm.torch.build_shm_op would, so the first job does not pay for it."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    on 2 cores, then cached under TORCH_EXTENSIONS_DIR): build it now, with DeepSpeed's own
+    builder call, as part of the install, so the first job does not pay for it."""
+    from deepspeed.comm.torch import build_shm_op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return "no DeepSpeed op to prebuild for this accelerator"
-    builder.load(verbose=False)
-    return f"DeepSpeed {builder.NAME} op built"
+    return "DeepSpeed's CPU op is built" if build_shm_op() is not None else "no DeepSpeed op to build here"
 
 
 print(prebuild_deepspeed_ops())
