@@ -10,6 +10,10 @@ variant, reported as a non-negative magnitude and named so that it is never mist
 
 Where a metric has no term to average (``T = 1`` for BWT, FWT and X-TAIL Transfer), it is
 defined as 0.0: nothing earlier can be forgotten or transferred.
+
+A cell may be ``None``: not evaluated (an evaluation schedule that skips it, e.g. only the
+diagonal and the last row). A metric that needs a missing cell raises ``MissingScores``;
+``summarize`` leaves such a metric out, so a missing cell is never read as a score of 0.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 Matrix = Sequence[Sequence[float]]
 
 __all__ = [
+    "MissingScores",
     "average_performance",
     "backward_transfer",
     "paper_forgetting",
@@ -34,7 +39,13 @@ __all__ = [
 ]
 
 
-def _check_score(value, where: str) -> float:
+class MissingScores(ValueError):
+    """A metric needs a cell of R (or of the baseline) that was not evaluated."""
+
+
+def _check_score(value, where: str) -> float | None:
+    if value is None:
+        return None
     # bool is an int subclass; True as a score is always a bug upstream.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where}: expected a number in [0, 100], got {type(value).__name__} {value!r}")
@@ -86,7 +97,17 @@ def _validate_baseline(baseline: Sequence[float], T: int) -> list[float]:
     return [_check_score(v, f"baseline column {j}") for j, v in enumerate(baseline)]
 
 
-def _mean(values: Sequence[float]) -> float:
+def _get(R: list[list[float | None]], i: int, j: int) -> float:
+    """R[i][j], which this metric needs: MissingScores when it was not evaluated."""
+    value = R[i][j]
+    if value is None:
+        raise MissingScores(f"R row {i}, column {j} was not evaluated")
+    return value
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    if any(v is None for v in values):
+        raise MissingScores("a score this metric needs was not evaluated")
     return math.fsum(values) / len(values)
 
 
@@ -105,7 +126,7 @@ def backward_transfer(R: Matrix) -> float:
     T = len(R)
     if T == 1:
         return 0.0
-    return _mean([R[-1][j] - R[j][j] for j in range(T - 1)])
+    return _mean([_get(R, -1, j) - _get(R, j, j) for j in range(T - 1)])
 
 
 def paper_forgetting(R: Matrix) -> float:
@@ -116,7 +137,7 @@ def paper_forgetting(R: Matrix) -> float:
     T = len(R)
     if T == 1:
         return 0.0
-    return _mean([R[j][j] - R[-1][j] for j in range(T - 1)])
+    return _mean([_get(R, j, j) - _get(R, -1, j) for j in range(T - 1)])
 
 
 def reference_forgetting(R: Matrix) -> float:
@@ -127,7 +148,7 @@ def reference_forgetting(R: Matrix) -> float:
     """
     R = validate_matrix(R)
     # max(R[j][j] - R[T][j], 0) == -min(R[T][j] - R[j][j], 0), without producing -0.0.
-    return _mean([max(R[j][j] - R[-1][j], 0.0) for j in range(len(R))])
+    return _mean([max(_get(R, j, j) - _get(R, -1, j), 0.0) for j in range(len(R))])
 
 
 def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float:
@@ -141,7 +162,7 @@ def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float:
     T = len(R)
     if T == 1:
         return 0.0
-    return _mean([R[j - 1][j] - b[j] for j in range(1, T)])
+    return _mean([_get(R, j - 1, j) - _get([b], 0, j) for j in range(1, T)])
 
 
 def xtail_transfer(R: Matrix) -> float:
@@ -179,10 +200,12 @@ def xtail_per_domain(R: Matrix, tasks: Sequence[str]) -> dict[str, float]:
     values: dict[str, float] = {}
     for j, task in enumerate(tasks):
         column = [row[j] for row in R]
-        if j > 0:
+        if j > 0 and None not in column[:j]:
             values[f"transfer/{task}"] = _mean(column[:j])
-        values[f"average/{task}"] = _mean(column)
-        values[f"last/{task}"] = column[-1]
+        if None not in column:
+            values[f"average/{task}"] = _mean(column)
+        if column[-1] is not None:
+            values[f"last/{task}"] = column[-1]
     return values
 
 
@@ -192,19 +215,24 @@ def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, f
     Keys: ``T``, ``OP``, ``BWT_signed`` (standard, negative = forgetting), ``BWT_eq10`` (the
     paper's Eq. 10, forgetting-positive), ``reference_forgetting_magnitude``,
     ``xtail_transfer``, ``xtail_average``, ``xtail_last``, and ``FWT`` when ``baseline``
-    is given.
+    is given. A metric whose cells were not all evaluated (``None``) is absent.
     """
     R = validate_matrix(R)
-    summary = {
-        "T": len(R),
-        "OP": average_performance(R),
-        "BWT_signed": backward_transfer(R),
-        "BWT_eq10": paper_forgetting(R),
-        "reference_forgetting_magnitude": reference_forgetting(R),
-        "xtail_transfer": xtail_transfer(R),
-        "xtail_average": xtail_average(R),
-        "xtail_last": xtail_last(R),
+    metrics = {
+        "OP": average_performance,
+        "BWT_signed": backward_transfer,
+        "BWT_eq10": paper_forgetting,
+        "reference_forgetting_magnitude": reference_forgetting,
+        "xtail_transfer": xtail_transfer,
+        "xtail_average": xtail_average,
+        "xtail_last": xtail_last,
     }
     if baseline is not None:
-        summary["FWT"] = forward_transfer(R, baseline)
+        metrics["FWT"] = lambda R: forward_transfer(R, baseline)
+    summary: dict[str, float] = {"T": len(R)}
+    for name, metric in metrics.items():
+        try:
+            summary[name] = metric(R)
+        except MissingScores:
+            continue
     return summary

@@ -157,8 +157,18 @@ class EvalSection(Section):
                                                          "--max_ans_len; a batch stops once every row has "
                                                          "produced EOS)")
     batch_size: AtLeastOne = Field(8, description="evaluation batch size (prompts are batched in order of length)")
-    baseline: Bool = Field(True, description="also evaluate the base model (version 0): the zero-shot row, for "
-                                             "FWT")
+    schedule: Annotated[Str, one_of("full", "seen", "final")] = Field(
+        "full", description="which cells of the accuracy matrix are evaluated: full (every version on every "
+                            "task, FWT included), seen (the tasks trained so far, as the official TRACE "
+                            "runner), final (the diagonal and the last row: OP and BWT); "
+                            "moram_platform.schedule")
+    baseline: Bool | None = Field(None, description="also evaluate the base model (version 0): the zero-shot "
+                                                    "row, for FWT; null: only with eval.schedule full")
+    evaluator: Annotated[Str, one_of("auto", "actor", "task")] = Field(
+        "auto", description="actor: one long-lived Ray actor per sequence loads the base model once and swaps "
+                            "each version's atoms in; task: a fresh Ray task (process and model load) per "
+                            "evaluated version, holding the workers' GPU share; auto: actor on CPU, task "
+                            "with scaling.use_gpu")
 
 
 class ScalingSection(Section):

@@ -100,7 +100,7 @@ class StudyReport:
                       "| after \\ on | " + " | ".join(g.matrix_columns) + " |",
                       "|---|" + "---|" * len(g.matrix_columns)]
             for label, row in zip(g.matrix_columns, g.mean_matrix):
-                lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+                lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -183,11 +183,16 @@ def _mean_matrix(matrices: list, orders: list[list[str]]) -> tuple[list[list[flo
     size = len(present[0][0][0])
     same_order = len({tuple(o) for _, o in present}) == 1
     columns = list(present[0][1]) if same_order else [f"task {j + 1}" for j in range(size)]
-    mean = [[statistics.fmean(m[i][j] for m, _ in present) for j in range(size)] for i in range(len(present[0][0]))]
+    mean = [[_mean_or_none([m[i][j] for m, _ in present]) for j in range(size)] for i in range(len(present[0][0]))]
     return mean, columns
 
 
 # -- paper anchors ------------------------------------------------------------------------------
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """A cell's mean over runs; None where a run's eval.schedule did not evaluate it."""
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
 def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
     """Rows of the paper-anchor file: setting, model, method, metric, value, table, row, note."""
     if path is None:
@@ -304,7 +309,17 @@ def _artifact_matrix(client, run_id: str, path: str) -> list[list[float]] | None
         except Exception:   # noqa: BLE001  (absent: MLflow raises store-specific errors)
             return None
         rows = list(csv.reader(Path(local).read_text().splitlines()))
-    return [[float(v) for v in row[1:]] for row in rows[1:]] or None
+    return [[float(v) if v != "" else None for v in row[1:]] for row in rows[1:]] or None   # "": not evaluated
+
+
+def report_study(result) -> StudyReport:
+    """The report of a study ``tune.study.run_study`` has just run (``result``, its StudyResult),
+    also logged as files of the study's MLflow run (``report/``)."""
+    from .tracking import Tracker
+
+    report = study_report(result.tracking_uri, result.experiment, result.name)
+    log_study_report(Tracker(result.tracking_uri, result.experiment, result.name), result.mlflow_run_id, report)
+    return report
 
 
 def log_study_report(tracker, run_id: str, report: StudyReport) -> None:

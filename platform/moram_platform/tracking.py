@@ -112,7 +112,7 @@ def system_tags() -> dict[str, str]:
     return tags
 
 
-def sequence_note(run_id: str, tasks: list[str], matrix: list[list[float]], baseline: list[float] | None,
+def sequence_note(run_id: str, tasks: list[str], matrix: list[list[float | None]], baseline: list[float] | None,
                   summary: dict[str, float], facts: dict[str, str]) -> str:
     """The parent run's description (Markdown): what ran, the accuracy matrix so far, the summary."""
     done = len(matrix)
@@ -121,7 +121,7 @@ def sequence_note(run_id: str, tasks: list[str], matrix: list[list[float]], base
              "Accuracy matrix (row: after training that task; column: the task scored):", "",
              "| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     rows = ([("zero-shot", baseline)] if baseline is not None else []) + list(zip(tasks, matrix))
-    lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for name, row in rows]
+    lines += [f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |" for name, row in rows]
     if summary:
         lines += ["", f"Summary over the {done} task{'s' if done > 1 else ''} seen:", "", "| metric | value |",
                   "|---|---|"] + [f"| {key} | {value:.2f} |" for key, value in summary.items()]

@@ -42,6 +42,7 @@ from moram.validation import error_lines
 from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
 from ..sections import AtLeastOne, Real, Section, Str, first_per_key, rule
 from .resources import training_trial_share
+from ..schedule import KNOWN_METRICS, check_gives, cheapest_for
 from .space import set_path
 from .sweep import _check_name, _cluster_resources, _concurrency, _sequence_rows, _tune_resources, _tuner
 from .tracking import SweepTracker
@@ -64,6 +65,10 @@ class StudyResources(Section):
         0.1, description="a trial's own CPU share (its Ray Train workers come on top)")
     max_concurrent: AtLeastOne = Field(4, description="upper bound on concurrent sequences; the cluster's "
                                                       "resources may allow fewer")
+
+
+# The report's columns (report.METRICS) but FWT, which needs every cell and the zero-shot row.
+DEFAULT_METRICS = ("OP", "BWT_eq10", "forgetting_ref", "own_routing")
 
 
 def _axis(value: Any) -> Any:
@@ -92,6 +97,11 @@ class StudyGrid(Section):
                     rule(bool, "must map at least one job-config key to its values")] = Field(
         description="job-config key -> values (a list, or label -> value); every combination is one sequence")
     resources: StudyResources = Field(default_factory=StudyResources, description="a trial's resources")
+    metrics: Annotated[list[Annotated[Str, rule(lambda v: v in KNOWN_METRICS, f"must be one of {sorted(KNOWN_METRICS)}")]],
+                       rule(bool, "must name at least one report column")] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        description="the report's columns the study is for; a base config without eval.schedule gets the "
+                    "cheapest schedule that computes them (moram_platform.schedule), one with it is checked")
     _source: str | None = PrivateAttr(None)
 
     @property
@@ -106,7 +116,7 @@ class StudyGrid(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return {"base_config": self.base_config, "overrides": dict(self.overrides), "grid": dict(self.grid),
-                "resources": self.resources.model_dump()}
+                "resources": self.resources.model_dump(), "metrics": list(self.metrics)}
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,15 @@ def base_raw(grid: StudyGrid, job_overrides: list[str] | None = None) -> dict[st
         set_path(raw, key, copy.deepcopy(value))
     for override in job_overrides or []:
         apply_override(raw, override)
+    eval_section = raw.setdefault("eval", {})
+    if isinstance(eval_section, dict):
+        if "schedule" not in eval_section and "eval.schedule" not in grid.grid:
+            eval_section["schedule"] = cheapest_for(grid.metrics)
+        elif "schedule" in eval_section:
+            try:
+                check_gives(eval_section["schedule"], grid.metrics, "the study's metrics")
+            except ValueError as error:
+                raise StudyError(str(error)) from None
     return raw
 
 

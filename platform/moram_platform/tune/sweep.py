@@ -237,7 +237,7 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     name = _check_name(name or _default_name(space))
     base = space.job_config(job_overrides)
     base_raw = space.base_raw(job_overrides)
-    trial_config = config_from_dict(space.trial_raw(base_raw)).with_absolute_paths()
+    trial_config = config_from_dict(_with_schedule(space.trial_raw(base_raw))).with_absolute_paths()
     get_benchmark(trial_config.benchmark).validate(trial_config)     # data and model, before any trial starts
 
     start_ray()
@@ -270,6 +270,19 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
         raise
     tracker.finish(sweep_run)
     return result
+
+
+def _with_schedule(trial_raw: dict[str, Any]) -> dict[str, Any]:
+    """Trials report the objective after every task (schedulers stop weak ones early), which
+    reads every trained-so-far cell: ``seen`` unless the config asks for ``full``."""
+    section = trial_raw.setdefault("eval", {})
+    schedule = section.get("schedule") if isinstance(section, dict) else None
+    if schedule is None and isinstance(section, dict):
+        section["schedule"] = "seen"
+    elif schedule == "final":
+        raise SpaceError("eval.schedule: 'final' gives no objective after each task, which a sweep reports to "
+                         "Tune's scheduler; use 'seen' (or 'full')")
+    return trial_raw
 
 
 def _training_stage(space: SweepSpace, context: TrialContext, share: TrialShare, concurrency: int, root: str,
