@@ -2,8 +2,12 @@
 
     for each task of the order:
         current version (registry actor) -> Ray Train workers train the task's atoms (DeepSpeed)
-        -> rank 0 commits the new shard -> evaluate the new version on every task of the order
+        -> rank 0 commits the new shard -> evaluate the new version on the tasks eval.schedule
+        names (every task, the tasks seen, or the new one and, after the last task, all)
         -> append the accuracy-matrix row -> MLflow (child run per task, parent per sequence)
+
+One evaluator actor per sequence keeps the base model loaded and swaps each version's atoms in
+(evaluation.py); it records each task's score in the registry as soon as it has it.
 
 Everything a rerun needs is in storage: committed versions are never retrained, recorded
 evaluations are never recomputed, and MLflow runs are found again by their tags.
@@ -29,6 +33,7 @@ from .plots import accuracy_heatmap, activation_heatmap
 from .registry import Registry, RegistryError, RunLease
 from .registry.evaluations import read_evaluation, record_evaluation
 from .routing_diagnostics import training_blocks
+from .schedule import baseline_wanted, tasks_after
 from .tracking import Tracker, matrix_csv, sequence_note, sequence_params, system_tags
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 class SequenceResult:
     run_id: str
     tasks: list[str]
-    matrix: list[list[float]]
+    matrix: list[list[float | None]]     # None: a cell eval.schedule does not evaluate
     baseline: list[float] | None
     summary: dict[str, float]
     versions: list[int]
@@ -51,12 +56,16 @@ class SequenceResult:
         width = max(len(t) for t in self.tasks) + 2
         lines = ["after \\ on".ljust(width) + "".join(t[:10].rjust(11) for t in self.tasks)]
         if self.baseline is not None:
-            lines.append("zero-shot".ljust(width) + "".join(f"{v:11.2f}" for v in self.baseline))
+            lines.append("zero-shot".ljust(width) + "".join(_cell(v) for v in self.baseline))
         for task, row in zip(self.tasks, self.matrix):
-            lines.append(task.ljust(width) + "".join(f"{v:11.2f}" for v in row))
+            lines.append(task.ljust(width) + "".join(_cell(v) for v in row))
         lines.append("")
         lines += [f"{name:<32}{value:8.2f}" for name, value in self.summary.items()]
         return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-".rjust(11) if value is None else f"{value:11.2f}"
 
 
 def default_run_id(config: JobConfig) -> str:
@@ -141,18 +150,19 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
     log.info("run %s: %s (MLflow run %s)", run_id, "resuming" if resumed else "starting", parent)
 
     tasks = config.data.tasks
-    baseline = _evaluation_row(config, benchmark, registry, run_id, 0, progress) if config.eval.baseline else None
-    matrix: list[list[float]] = []
+    scores = Scores(config, benchmark, registry, run_id, progress)
+    matrix: list[list[float | None]] = []
     versions: list[int] = []
     trained: list[str] = []
     try:
+        baseline = scores.row(0, tasks) if baseline_wanted(config.eval.schedule, config.eval.baseline) else None
         for index, task in enumerate(tasks):
             child, finished = tracker.task_run(index, task, params, tags)
             version = _committed(actor, index + 1)      # the run's registry actor: storage's view
             if version is None:
                 trained.append(task)
                 version = _train(config, run_id, index, model_ref, progress)
-            row = _evaluation_row(config, benchmark, registry, run_id, version.version, progress)
+            row = scores.row(version.version, tasks_after(config.eval.schedule, tasks, index))
             matrix.append(row)
             versions.append(version.version)
             if not finished:
@@ -166,6 +176,8 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
     except BaseException:
         tracker.finish(parent, status="FAILED")
         raise
+    finally:
+        scores.close()
     summary = benchmark.summary(matrix, baseline, tasks) if len(matrix) == len(tasks) else {}
     if summary:  # its metrics are the last task's step of the curves (_log_progress)
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
@@ -191,18 +203,55 @@ def _train(config: JobConfig, run_id: str, index: int, model_ref, progress: bool
     return version
 
 
-def _evaluation_row(config: JobConfig, benchmark: Benchmark, registry: Registry, run_id: str,
-                    version: int, progress: bool = False) -> list[float]:
-    """Scores of ``version`` on every task of the order; computed once, recorded in the registry."""
-    profile = benchmark.eval_profile(config)
-    record = read_evaluation(registry, run_id, version, profile)
-    if record is None:
-        scores = _evaluate_remote(config, run_id, version, progress)
-        record = record_evaluation(registry, run_id, version, profile, scores)
-    return [float(record["scores"][task]["score"]) for task in config.data.tasks]
+class Scores:
+    """A sequence's evaluations: each (version, task) scored once and recorded in the registry,
+    by the sequence's evaluator actor (started on the first score missing) or, with
+    ``eval.evaluator: task``, a fresh Ray task per version."""
+
+    def __init__(self, config: JobConfig, benchmark: Benchmark, registry: Registry, run_id: str, progress: bool):
+        self.config, self.registry, self.run_id, self.progress = config, registry, run_id, progress
+        self.profile = benchmark.eval_profile(config)
+        self.actor = None
+
+    def row(self, version: int, tasks: list[str]) -> list[float | None]:
+        """``version``'s scores on the order's tasks, None for a task not in ``tasks``."""
+        recorded = (read_evaluation(self.registry, self.run_id, version, self.profile) or {}).get("scores", {})
+        missing = [task for task in tasks if task not in recorded]
+        if missing:
+            self._evaluate(version, missing)
+            recorded = read_evaluation(self.registry, self.run_id, version, self.profile)["scores"]
+        return [float(recorded[task]["score"]) if task in tasks else None for task in self.config.data.tasks]
+
+    def _evaluate(self, version: int, tasks: list[str]) -> None:
+        import ray
+
+        if uses_actor(self.config):
+            from .evaluation import evaluator_actor
+
+            if self.actor is None:
+                self.actor = evaluator_actor(self.config, self.run_id)
+            ray.get(self.actor.evaluate.remote(version, tasks, task_bars=self.progress))
+        else:
+            found = _evaluate_remote(self.config, self.run_id, version, tasks, self.progress)
+            record_evaluation(self.registry, self.run_id, version, self.profile, found)
+
+    def close(self) -> None:
+        if self.actor is not None:
+            import ray
+
+            ray.kill(self.actor)   # its model's memory goes back now, not when the driver exits
+            self.actor = None
 
 
-def _evaluate_remote(config: JobConfig, run_id: str, version: int, progress: bool = False) -> dict[str, Any]:
+def uses_actor(config: JobConfig) -> bool:
+    """eval.evaluator; auto: the actor on CPU. On GPU a one-shot task per version holds the
+    workers' GPU share only while it evaluates (an actor holding it would keep the next task's
+    workers from starting on a machine with one GPU per worker)."""
+    return config.eval.evaluator == "actor" or (config.eval.evaluator == "auto" and not config.scaling.use_gpu)
+
+
+def _evaluate_remote(config: JobConfig, run_id: str, version: int, tasks: list[str],
+                     progress: bool = False) -> dict[str, Any]:
     import ray
 
     from .evaluation import evaluate_version_task
@@ -212,7 +261,7 @@ def _evaluate_remote(config: JobConfig, run_id: str, version: int, progress: boo
     # DEFAULT: outside any placement group this process runs in (a Tune trial's would capture it).
     remote = ray.remote(evaluate_version_task).options(**options, max_retries=2, scheduling_strategy="DEFAULT")
     return ray.get(remote.remote(config.to_dict(), config.registry_uri(), run_id, version or None,
-                                 config.data.tasks, task_bars=progress))   # a line per task scored
+                                 tasks, task_bars=progress))   # a line per task scored
 
 
 def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registry, run_id: str, version, row):
@@ -222,7 +271,7 @@ def _log_task(tracker: Tracker, child: str, config: JobConfig, registry: Registr
     metrics = {k: v for k, v in version.metrics.items() if isinstance(v, (int, float))}
     index = version.task_index
     metrics["task_score"] = row[index]
-    metrics.update({f"eval/{task}": score for task, score in zip(tasks, row)})
+    metrics.update({f"eval/{task}": score for task, score in zip(tasks, row) if score is not None})
     tracker.log_new_metrics(child, metrics)
     losses = version.metrics.get(LOSS_CURVE) or []   # recorded by the chief worker with the commit
     tracker.log_new_series(child, "train_loss", {step: loss for step, loss in enumerate(losses, start=1)})
@@ -262,7 +311,7 @@ def _log_progress(tracker: Tracker, parent: str, config: JobConfig, benchmark: B
     run's description (the matrix and the summary so far) is rewritten."""
     tasks, seen = config.data.tasks, len(matrix)
     summary = benchmark.summary([row[:seen] for row in matrix], baseline[:seen] if baseline else None, tasks[:seen])
-    scores = {f"eval/{task}": score for task, score in zip(tasks, matrix[-1])}
+    scores = {f"eval/{task}": score for task, score in zip(tasks, matrix[-1]) if score is not None}
     tracker.log_new_metrics(parent, {**scores, **summary}, step=seen - 1)
     facts = {name: tags[f"moram.{name}"] for name in ("method", "model", "benchmark", "eval_profile")}
     tracker.set_note(parent, sequence_note(run_id, tasks, matrix, baseline, summary, facts))
