@@ -49,6 +49,7 @@ def load(args) -> "JobConfig":  # noqa: F821
 def run(config, args) -> int:
     from moram_platform.benchmark import get_benchmark
     from moram_platform.console import JobConsole, default_level
+    from moram_platform.preflight import check_model_structure
     from moram_platform.registry.errors import find_disk_full, find_storage_error
     from moram_platform.registry.lease import refuse_if_busy
     from moram_platform.sequence import default_run_id, run_sequence
@@ -56,6 +57,7 @@ def run(config, args) -> int:
     try:
         level = args.log_level or default_level()
         config.run.name = config.run.name or default_run_id(config)   # names the log file too
+        check_model_structure(config.with_absolute_paths())   # targets, dtype, r: on the meta device, no weights
         get_benchmark(config.benchmark).validate(config.with_absolute_paths())  # bad input: before Ray starts
         refuse_if_busy(config.with_absolute_paths().registry_uri(), config.run.name)  # another driver's run: too
     except (ValueError, LookupError, FileNotFoundError) as error:

@@ -99,6 +99,25 @@ def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
+def empty_causal_lm(source: str | os.PathLike, dtype: torch.dtype | None = None,
+                    cache_dir: str | os.PathLike | None = None):
+    """The model ``load_causal_lm(source, dtype, cache_dir)`` returns, built on the meta device
+    from the same config: every module, shape and dtype, no weight read or allocated, nothing
+    written (a GGUF file's config is read from its header, or from its dequantised copy if the
+    cache already has one). For checks of a model's structure before any work starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, gguf_file = resolve_model_source(source)
+    if gguf_file and cache_dir is not None:
+        cached = _dequantized_target(folder / gguf_file, Path(cache_dir))
+        if (cached / "config.json").is_file():
+            folder, gguf_file = cached, None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def model_fingerprint(source: str | os.PathLike) -> str:
     """A short content hash of a GGUF file or a folder's weight files (the base model revision)."""
     folder, gguf_file = resolve_model_source(source)
@@ -120,9 +139,7 @@ def dequantized_folder(gguf_path: Path, cache_dir: Path) -> Path:
     """A plain safetensors copy of a GGUF model under ``cache_dir``, made once, reused after."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{gguf_path.stem}-{key}"
+    target = _dequantized_target(gguf_path, cache_dir)
     if (target / "config.json").is_file():
         return target
     folder, name = gguf_path.parent, gguf_path.name
@@ -141,3 +158,10 @@ def dequantized_folder(gguf_path: Path, cache_dir: Path) -> Path:
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+def _dequantized_target(gguf_path: Path, cache_dir: Path) -> Path:
+    """Where ``dequantized_folder`` keeps (or will keep) the copy of this GGUF file."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir / f"{gguf_path.stem}-{key}"

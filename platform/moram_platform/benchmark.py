@@ -61,6 +61,10 @@ class Benchmark(Protocol):
     def load_model(self, config: JobConfig) -> tuple[nn.Module, Any]:
         """The frozen base model and its processor (tokenizer, image transform...)."""
 
+    def empty_model(self, config: JobConfig) -> nn.Module:
+        """The model ``load_model`` returns, built on the meta device by the same loader: its
+        structure and dtypes, no weights (``moram_platform.preflight`` checks it before Ray starts)."""
+
     def model_ref(self, config: JobConfig) -> tuple[str, str | None]:
         """(model id, revision/content hash) recorded in the registry."""
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moram import load_causal_lm, model_fingerprint, smollm2_path
-from moram.loading import resolve_model_source
+from moram.loading import empty_causal_lm, resolve_model_source
 from moram.metrics import summarize
 
 from ..benchmark import summary_from
@@ -80,6 +80,9 @@ class TraceBenchmark:
 
     def load_model(self, config: JobConfig) -> tuple[nn.Module, Any]:
         return load_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype], cache_dir=model_cache_dir(config))
+
+    def empty_model(self, config: JobConfig) -> nn.Module:
+        return empty_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype], cache_dir=model_cache_dir(config))
 
     def model_ref(self, config: JobConfig) -> tuple[str, str | None]:
         path = model_path(config)

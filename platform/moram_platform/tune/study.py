@@ -283,14 +283,19 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
     from ..benchmark import get_benchmark
     from ..cli.compare import compare_runs
     from ..report import log_study_report, study_report
+    from ..preflight import check_model_structure
     from ..sequence import start_ray
 
     name = _check_name(name)
     points = study_points(grid, name, job_overrides)
     configs = [config_from_dict(p.config) for p in points]
     tracking_uri, experiment = _one_tracking(configs)
-    checked = set()
+    checked, shapes = set(), set()
     for config in configs:            # data and model of every distinct order, before anything starts
+        shape = (config.benchmark, config.model.source, config.model.dtype, repr(config.moram_config))
+        if shape not in shapes:       # targets, dtype, r on the meta device (moram_platform.preflight)
+            check_model_structure(config)
+            shapes.add(shape)
         key = (config.benchmark, tuple(config.data.tasks), config.model.source)
         if key not in checked:
             get_benchmark(config.benchmark).validate(config)

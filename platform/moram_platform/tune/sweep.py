@@ -232,12 +232,14 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     (a later call with the same name adds the δ stage).
     """
     from ..benchmark import get_benchmark
+    from ..preflight import check_model_structure
     from ..sequence import start_ray
 
     name = _check_name(name or _default_name(space))
     base = space.job_config(job_overrides)
     base_raw = space.base_raw(job_overrides)
     trial_config = config_from_dict(_with_schedule(space.trial_raw(base_raw))).with_absolute_paths()
+    check_model_structure(trial_config)                              # targets, dtype, r: on the meta device
     get_benchmark(trial_config.benchmark).validate(trial_config)     # data and model, before any trial starts
 
     start_ray()

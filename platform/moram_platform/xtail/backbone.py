@@ -120,6 +120,18 @@ def load_backbone(name: str, pretrained: str | os.PathLike | None = None, *,
                     train_transform=train_transform, eval_transform=eval_transform)
 
 
+def empty_backbone_model(name: str) -> nn.Module:
+    """The model ``load_backbone(name, ...)`` builds, on the meta device: open_clip's own
+    construction of the architecture, no weight read or allocated (checks of its structure)."""
+    quiet = logging.root.manager.disable     # open_clip warns of a random init: no weights is the point
+    logging.disable(logging.WARNING)
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
+    finally:
+        logging.disable(quiet)
+
+
 def _require_random_init_flag(name: str, allow_random_init: bool) -> None:
     if not allow_random_init:
         raise ValueError(

@@ -30,7 +30,8 @@ from moram.metrics import summarize, xtail_per_domain
 
 from ..benchmark import summary_from
 from ..config import ConfigError, JobConfig
-from .backbone import XTAIL_TARGET_MODULES, _resolve_pretrained, load_backbone, register_model_config
+from .backbone import (XTAIL_TARGET_MODULES, _resolve_pretrained, empty_backbone_model, load_backbone,
+                       register_model_config)
 from .data import XTAIL_DOMAINS, Domain, ImageSamples, load_domain
 from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
 from .loss import text_token_mask, xtail_loss
@@ -110,6 +111,10 @@ class XTailBenchmark:
                                  cache_dir=config.model.cache_dir)
         return _without_scalar_parameters(backbone.model), XTailProcessor(
             backbone.tokenizer, backbone.train_transform, backbone.eval_transform)
+
+    def empty_model(self, config: JobConfig) -> nn.Module:
+        check_backbone(config, warn=False)    # what load_backbone would refuse, named by key
+        return _without_scalar_parameters(empty_backbone_model(config.model.source))
 
     def model_ref(self, config: JobConfig) -> tuple[str, str | None]:
         source, pretrained = config.model.source, config.xtail.pretrained
@@ -303,8 +308,9 @@ def _check_config(config: JobConfig) -> None:
                                   f"class name)")
 
 
-def check_backbone(config: JobConfig) -> None:
-    """What ``load_backbone`` would refuse, without building the model; errors name the key."""
+def check_backbone(config: JobConfig, warn: bool = True) -> None:
+    """What ``load_backbone`` would refuse, without building the model; errors name the key
+    (``warn``: say so when the model will be randomly initialised)."""
     source, xtail = config.model.source, config.xtail
     _register_model_config(config)
     if source.startswith("hf-hub:"):
@@ -328,8 +334,9 @@ def check_backbone(config: JobConfig) -> None:
                           f"cached open_clip tag or a checkpoint file, or set xtail.allow_random_init=true to "
                           f"train a randomly initialised model (tests and benchmarks only)")
     if random_init:
-        logger.warning("model %s is randomly initialised (xtail.allow_random_init): its accuracies say "
-                       "nothing about CLIP", source)
+        if warn:
+            logger.warning("model %s is randomly initialised (xtail.allow_random_init): its accuracies say "
+                           "nothing about CLIP", source)
     elif folder is None:
         try:
             _resolve_pretrained(source, xtail.pretrained, config.model.cache_dir)
