@@ -53,15 +53,17 @@ def main(argv=None) -> int:
 
 
 def run(argv) -> int:
+    from moram_platform.report import report_study
     from moram_platform.tune.study import load_study, run_study
 
     args = run_parser().parse_args(argv)
     result = run_study(load_study(args.grid), args.name, job_overrides=args.overrides,
                        storage_path=args.storage_path, verbose=not args.quiet)
+    report = report_study(result)
     print(f"\n== study {result.name}: {len(result.points)} sequences ({len(result.skipped)} finished before) ==")
-    print(result.report.markdown())
+    print(report.markdown())
     if args.out:
-        print("report files: " + ", ".join(str(p) for p in result.report.write(args.out)))
+        print("report files: " + ", ".join(str(p) for p in report.write(args.out)))
     for run_id, error in result.failed.items():
         print(f"FAILED {run_id}: {error}", file=sys.stderr)
     print(f"MLflow:     {result.mlflow_url}")

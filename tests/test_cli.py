@@ -10,7 +10,7 @@ from fixtures.models import tiny_llama
 
 from moram import MoRAMConfig, get_moram_model, model_fingerprint
 from moram_platform.cli import main
-from moram_platform.cli.compare import CompareError, compare_runs, format_table
+from moram_platform.runs import CompareError, compare_runs, format_table
 from moram_platform.registry import BaseModelRef, Registry
 from moram_platform.registry.evaluations import read_evaluation, record_evaluation
 from moram_platform.tracking import Tracker

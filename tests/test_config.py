@@ -43,7 +43,8 @@ from torch import nn  # noqa: E402
 
 from moram import get_moram_model  # noqa: E402
 from moram_platform.benchmark import BENCHMARKS  # noqa: E402
-from moram_platform.config import ConfigError, config_from_dict, load_config, reference  # noqa: E402
+from moram_platform.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from moram_platform.config_reference import COMMAND, reference  # noqa: E402
 from fixtures.paths import PROJECT_ROOT  # noqa: E402
 
 TWO_TASKS = {"data": {"tasks": ["C-STANCE", "FOMC"]}, "train": {"epochs": [1, 2]}}
@@ -213,8 +214,7 @@ def test_run_seed_drives_atom_initialisation_unless_moram_seed_is_set():
 # -- the key reference ----------------------------------------------------------------------------
 def test_docs_config_md_is_the_generated_reference():
     committed = (PROJECT_ROOT / "docs" / "config.md").read_text()
-    assert committed == reference(), ("docs/config.md is out of date: regenerate it with "
-                                      "python -m moram_platform.config --print-reference > docs/config.md")
+    assert committed == reference(), f"docs/config.md is out of date: regenerate it with {COMMAND}"
 
 
 def test_every_key_has_a_description():

@@ -98,7 +98,7 @@ def hand_summary(matrix: list[list[float]]) -> dict[str, float]:
 @pytest.mark.timeout(1800)
 def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root, mlflow_server, ray_cluster):
     from moram_platform.cli import main as moram_main
-    from moram_platform.report import study_report
+    from moram_platform.report import report_study, study_report
     from moram_platform.tune.study import run_study
 
     experiment = f"study-{uuid.uuid4().hex[:8]}"
@@ -107,6 +107,7 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
                                      resources={"trial_cpu": 0.1, "max_concurrent": 2}))
     result = run_study(grid, "e2e", verbose=False)
     assert result.failed == {} and result.skipped == []
+    report_study(result)
     runs = [p.run_id for p in result.points]
     registry = Registry(tmp_path / "runs" / "registry")
     assert sorted(registry.runs()) == sorted(runs)

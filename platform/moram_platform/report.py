@@ -4,11 +4,11 @@ orders of OP, BWT_eq10, the reference repo's forgetting magnitude, FWT and the o
 share, with the paper's number beside it where the setting matches; the per-method mean
 accuracy (and routing) matrices; Markdown, CSV and a bar chart with error bars.
 
-    report = study_report("http://mlflow:5000", "trace", "methods-v1")
+    report = study_report("http://mlflow:5000", "trace", "methods-v1")   # or report_study(run_study(...))
     print(report.markdown())
     report.write("out/")                        # report.md, report.csv, bars.png, matrices
 
-The rows come from ``cli.compare.compare_runs`` (the one reader of sequence summaries, also
+The rows come from ``runs.compare_runs`` (the one reader of sequence summaries, also
 behind ``moram compare``); std is the sample standard deviation (n - 1), "-" for one run.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli.compare import CompareError, compare_runs
+from .runs import CompareError, compare_runs
+from .tracking import AXES_TAG, KIND_TAG, LABEL_TAG_PREFIX, STUDY_TAG
 
 # (column in the report, the summary metric the sequence driver logs, what it is)
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -248,14 +249,12 @@ def study_report(tracking_uri: str, experiment: str, study: str) -> StudyReport:
     """The report of the study ``study`` (its member sequences are nested under its MLflow run)."""
     from mlflow.tracking import MlflowClient
 
-    from .tune.study import AXES_TAG, STUDY_TAG
-
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ReportError(f"experiment {experiment!r} does not exist")
     parents = client.search_runs([found.experiment_id], filter_string=(
-        f"tags.`{STUDY_TAG}` = '{study}' and tags.`moram.kind` = 'study'"), max_results=1)
+        f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'"), max_results=1)
     if not parents:
         raise ReportError(f"experiment {experiment!r} has no study named {study!r}")
     parent = parents[0]
@@ -273,8 +272,6 @@ def runs_report(tracking_uri: str, experiment: str, runs: Sequence[str] | None =
 
 
 def _report(client, rows: list[dict[str, Any]], group_keys: list[str], title: str) -> StudyReport:
-    from .tune.study import LABEL_TAG_PREFIX
-
     records, incomplete = [], []
     for row in rows:
         if row["status"] != "FINISHED" or "OP" not in row:

@@ -1,5 +1,7 @@
-"""Compare continual-learning sequences from MLflow: one row per sequence (its parent run),
+"""Continual-learning sequences as MLflow holds them: one row per sequence (its parent run),
 the summary metrics the sequence driver logs (OP, BWT_signed, BWT_eq10, FWT, X-TAIL's...).
+The one reader of sequence summaries: ``moram compare``, the study report and the study driver
+(which points finished) all read them here.
 
     rows = compare_runs("http://mlflow:5000", "trace", runs=["moram-s0", "inclora-s0"])
     print(format_table(rows))
@@ -10,7 +12,7 @@ import csv
 import io
 from typing import Any, Sequence
 
-from ..tracking import KIND_TAG, RUN_ID_TAG
+from .tracking import KIND_TAG, RUN_ID_TAG, redact
 
 ROW_KEYS = ("run", "method", "model", "status", "mlflow_run_id")
 
@@ -30,7 +32,7 @@ def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise CompareError(f"experiment {experiment!r} does not exist in the MLflow store {_safe(tracking_uri)}")
+        raise CompareError(f"experiment {experiment!r} does not exist in the MLflow store {redact(tracking_uri)}")
     query = f"tags.`{KIND_TAG}` = 'sequence'" + (f" and tags.`mlflow.parentRunId` = '{parent}'" if parent else "")
     sequences = client.search_runs([found.experiment_id], filter_string=query,
                                    max_results=5000, order_by=["attributes.start_time ASC"])
@@ -54,7 +56,7 @@ def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The metrics any row has: TRACE's summary in the driver's order first, then the rest by name."""
-    from ..trace.benchmark import SUMMARY as TRACE_SUMMARY
+    from .trace.benchmark import SUMMARY as TRACE_SUMMARY
 
     present = {key for row in rows for key in row if key not in ROW_KEYS}
     first = [name for name in TRACE_SUMMARY.values() if name in present]
@@ -78,8 +80,3 @@ def _cell(value: Any) -> str:
         return "-"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
-
-def _safe(uri: str) -> str:
-    from ..tracking import redact
-
-    return redact(uri)

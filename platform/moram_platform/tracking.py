@@ -18,6 +18,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 RUN_ID_TAG, KIND_TAG, TASK_TAG = "moram.run_id", "moram.kind", "moram.task_index"
+# A study (tune/study.py): its parent run carries its name and grid keys; each point's sequence
+# run its name and, per grid key, its label (moram.grid.<key> = <label>); the report reads them.
+STUDY_TAG, AXES_TAG, LABEL_TAG_PREFIX = "moram.study", "moram.study_axes", "moram.grid."
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Markdown)
 # MLflow 3's UI opens an experiment of unknown kind on its GenAI pages (traces, evaluations);
 # this kind opens it on runs and their charts.
@@ -74,13 +77,11 @@ def sequence_params(config) -> dict[str, Any]:
     where the job has it), ``moram.*`` as chosen (the config's over the benchmark's defaults,
     plus the method's knobs as resolved) and ``run.seed``. Unset options (None) are left out;
     the whole config is the run's resolved_config.yaml."""
-    from .benchmark import benchmark_class
-
     values = config.to_dict()
     params = {key: value for key, value in values.items() if key not in _PLACEMENT_SECTIONS}
     resolved = config.moram_config.to_dict()
     params["moram"] = {**{key: resolved[key] for key in _METHOD_KNOBS},
-                       **benchmark_class(config.benchmark).moram_defaults, **values.get("moram", {})}
+                       **config.benchmark_moram_defaults, **values.get("moram", {})}
     params["run"] = {"seed": config.run.seed}
     return _without_none(params)
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..generation import GenerationError
     from ..trace.data import TraceDataError
-    from .compare import CompareError
+    from ..runs import CompareError
 
     return (RegistryError, PretrainedError, ShardError, MoRAMConfigError, ConfigError, GenerationError,
             TraceDataError, CompareError, FileNotFoundError, FileExistsError)
@@ -164,7 +164,7 @@ def _compare_parser(commands) -> None:
 
 
 def _compare(args) -> int:
-    from .compare import compare_runs, format_table
+    from ..runs import compare_runs, format_table
 
     if args.study:
         from ..report import study_report

@@ -3,6 +3,7 @@ job-config key), run as Ray Tune trials under one MLflow parent, then compared i
 
     study = load_study("studies/trace-methods.yaml")
     result = run_study(study, "methods-v1")        # the same name again resumes; finished points are skipped
+    report = report_study(result)                  # moram_platform.report: the comparison, logged on the study's run
 
 A grid file is a base job config, fixed overrides and a grid (every combination is one point):
 
@@ -41,6 +42,7 @@ from moram.validation import error_lines
 
 from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
 from ..sections import AtLeastOne, Real, Section, Str, first_per_key, rule
+from ..tracking import AXES_TAG, LABEL_TAG_PREFIX, STUDY_TAG
 from .resources import training_trial_share
 from ..schedule import KNOWN_METRICS, check_gives, cheapest_for
 from .space import set_path
@@ -49,8 +51,6 @@ from .tracking import SweepTracker
 
 log = logging.getLogger(__name__)
 
-STUDY_TAG, POINT_TAG, AXES_TAG = "moram.study", "moram.study_point", "moram.study_axes"
-LABEL_TAG_PREFIX = "moram.grid."       # on a point's sequence run: moram.grid.<key> = <label>
 _MAX_RUN_ID = 128
 
 
@@ -271,18 +271,19 @@ class StudyResult:
     mlflow_run_id: str
     mlflow_url: str
     storage_path: str
-    report: Any = None                   # report.StudyReport
+    tracking_uri: str                    # where its runs are: moram_platform.report.report_study reads them
+    experiment: str
 
 
 def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = None,
               storage_path: str | None = None, verbose: bool = True) -> StudyResult:
-    """Run (or resume, given the same ``name``) every point of ``grid``, then write the report."""
+    """Run (or resume, given the same ``name``) every point of ``grid``; the comparison report
+    is ``moram_platform.report.report_study(result)``."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     from ..benchmark import get_benchmark
-    from ..cli.compare import compare_runs
-    from ..report import log_study_report, study_report
+    from ..runs import compare_runs
     from ..preflight import check_model_structure
     from ..sequence import start_ray
 
@@ -334,14 +335,12 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
         for point in points:
             if point.run_id in finished:
                 label_point(context, point, only_if_missing=True)
-        report = study_report(tracking_uri, experiment, name)
-        log_study_report(tracker, study_run, report)
     except BaseException:
         tracker.finish(study_run, status="FAILED")
         raise
     tracker.finish(study_run, status="FAILED" if failed else "FINISHED")
     return StudyResult(name, points, sorted(finished & {p.run_id for p in points}), failed, study_run,
-                       tracker.ui_url(study_run), root, report)
+                       tracker.ui_url(study_run), root, tracking_uri, experiment)
 
 
 def _one_tracking(configs: list[JobConfig]) -> tuple[str, str]:
