@@ -41,7 +41,7 @@ class MoRAMConfig(pydantic.BaseModel):
     method: str = Field(
         "moram", description="moram, or a baseline on the same layer: seqlora, inclora, moelora, olora (see moram.methods).")
     prune_mass: float | None = Field(
-        0.99, description="Post-pruning coverage: keep the fewest atoms of a task carrying this share of its activation mass; null disables.")
+        None, description="Post-pruning coverage (paper Sec. 3.3.4, e.g. 0.99): keep the fewest atoms of a task carrying this share of its activation mass; null (the default, as the official code, which does not prune) disables.")
     collect_stats: bool = Field(True, description="Accumulate per-atom activation mass while a task trains (pruning needs it).")
     eps: float = Field(1e-6, description="Floor of the L2 norm of the key responses (Eq. 5).")
     seed: int = Field(0, description="Seeds each task's fresh atoms (per task and layer), identical on every data-parallel worker.")

@@ -32,7 +32,7 @@ def test_unknown_key_is_named():
 def test_defaults_are_the_reference_trace_settings_and_round_trip():
     config = MoRAMConfig()
     assert (config.r, config.k, config.tau, config.delta, config.dropout) == (8, 8, 0.03, 0.2, 0.1)
-    assert config.alpha == 16 and config.scale == 2.0 and config.prune_mass == 0.99
+    assert config.alpha == 16 and config.scale == 2.0 and config.prune_mass is None
     assert MoRAMConfig.from_dict(config.to_dict()) == config
 
 
