@@ -29,6 +29,10 @@ from .tokenize import GenerationCollator, TokenizationConfig
 __all__ = ["MAX_NEW_TOKENS", "PROFILES", "EvaluationProfile", "evaluate_task", "generate_answers", "get_profile"]
 
 MAX_NEW_TOKENS = 512  # both official runners: --max_ans_len 512
+# A batch's common prompt start (the task's instruction and options list: 25-60 SmolLM2 tokens
+# for the standard-CL tasks) is computed once and shared through the KV cache when it is at least
+# this long; below, the extra forward call costs about what it saves.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _answer_of(example) -> str:
 def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | EvaluationProfile, *,
                      task: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                      tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
-                     progress: bool = True) -> list[str]:
+                     progress: bool = True, share_prefix: bool = True) -> list[str]:
     """Generate for each prompt (left-padded batches) and decode only the new tokens.
 
     ``model`` is any HF causal LM, or a wrapper exposing ``.generate`` with HF semantics
@@ -120,6 +124,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
     length order, for 14.1k real ones; in batches of 8: 18.9k and 14.8k). Each row sees the
     same tokens either way (left padding is masked); under the sampling profile the random
     draws fall on other rows than in file order.
+
+    ``share_prefix``: the tokens every prompt of a batch starts with are run once, at batch 1, and
+    their KV cache is repeated over the batch; each row is then [prefix, padding, rest of its
+    prompt] with the padding masked (positions follow the mask, so each row sees the positions
+    and keys it would left-padded). On the quickstart's DBpedia prompts (58 shared tokens of
+    98-182) batches of 8 generated in 0.54x the time, one thread, the same answers. Only for
+    models that return a KV cache (Hugging Face causal LMs and MoRAMModel), and not under a
+    profile that bans repeated n-grams (moram-repo, lenient): those read the token sequence
+    itself, which the moved padding changes where the prompt is split.
     """
     profile = get_profile(profile)
     for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -143,11 +156,19 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
             order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))   # stable: ties keep file order
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                batch = collate.pad([encoded[i] for i in rows])
+                prompts_in_batch = [encoded[i] for i in rows]
+                sharing = share_prefix and _has_kv_cache(model) and _layout_free(profile)
+                shared = _shared_prefix(prompts_in_batch) if sharing else 0
+                if shared >= MIN_SHARED_PREFIX:
+                    batch = _pad_after_prefix(prompts_in_batch, shared)
+                    batch["cache"] = _prefix_cache(model, prompts_in_batch[0][:shared], len(rows), device)
+                else:
+                    batch = collate.pad(prompts_in_batch)
                 output = model.generate(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     max_new_tokens=max_new_tokens, pad_token_id=collate.pad_id,
-                    eos_token_id=tokenizer.eos_token_id, **profile.generation,
+                    eos_token_id=tokenizer.eos_token_id, **({"cache": batch["cache"]} if "cache" in batch else {}),
+                    **profile.generation,
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1]:]
                 decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -158,6 +179,51 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], profile: str | Ev
         if was_training and hasattr(model, "train"):
             model.train()
     return answers
+
+
+def _shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving every prompt at least one of its own
+    (generation continues from each row's last token)."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    shared = 0
+    while shared < limit and all(p[shared] == first[shared] for p in prompts):
+        shared += 1
+    return shared
+
+
+def _has_kv_cache(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_cache", False)) and callable(getattr(model, "forward", None))
+
+
+def _layout_free(profile: EvaluationProfile) -> bool:
+    """Whether the profile's decoding depends on the prompt only through the model (and the set
+    of its tokens), not on where padding sits in the token sequence."""
+    return not profile.generation.get("no_repeat_ngram_size")
+
+
+def _pad_after_prefix(prompts: Sequence[Sequence[int]], shared: int) -> dict[str, torch.Tensor]:
+    """[prefix, padding, rest] per row, the padding masked: the prompts' own tokens end together.
+    The padding repeats the row's first token: Hugging Face's repetition penalty skips only
+    left padding, so a filler from the prompt itself leaves the penalised set as it was (a pad
+    token, often EOS, would be penalised)."""
+    length = max(len(p) for p in prompts)
+    input_ids, attention_mask = [], []
+    for prompt in prompts:
+        gap = length - len(prompt)
+        input_ids.append(list(prompt[:shared]) + [prompt[0]] * gap + list(prompt[shared:]))
+        attention_mask.append([1] * shared + [0] * gap + [1] * (len(prompt) - shared))
+    return {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(attention_mask)}
+
+
+def _prefix_cache(model, prefix: Sequence[int], rows: int, device: torch.device):
+    """The KV cache of ``prefix`` run once, repeated for ``rows`` rows; generate continues it."""
+    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).cache
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[str, str]], task: str,
