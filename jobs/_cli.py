@@ -16,6 +16,9 @@ for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "
                    "TOKENIZERS_PARALLELISM": "false", "MLFLOW_CONFIGURE_LOGGING": "false"}.items():
     os.environ.setdefault(key, value)
 
+from moram_platform.credentials import redact  # noqa: E402  (both light; after the path above)
+from moram_platform.exits import BAD_INPUT, exit_on_bad_input, refuse  # noqa: E402
+
 
 def parser(description: str, default_config: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -42,28 +45,31 @@ def load(args) -> "JobConfig":  # noqa: F821
     try:
         return load_config(args.config, overrides)
     except ConfigError as error:  # bad input: exit 2 like every other refusal, no traceback
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(refuse(error, "config error"))
 
 
 def run(config, args) -> int:
+    """Check, then run the sequence; bad input (a check, or a task's data found bad later) is one
+    line and exit 2 (moram_platform.exits)."""
+    return exit_on_bad_input(lambda: _run(config, args))
+
+
+def _run(config, args) -> int:
     from moram_platform.benchmark import get_benchmark
+    from moram_platform.cluster import start_ray
     from moram_platform.console import JobConsole, default_level
     from moram_platform.preflight import check_model_structure
     from moram_platform.registry.errors import find_disk_full, find_storage_error
     from moram_platform.registry.lease import refuse_if_busy
     from moram_platform.sequence import default_run_id, run_sequence
 
-    try:
-        level = args.log_level or default_level()
-        config.run.name = config.run.name or default_run_id(config)   # names the log file too
-        check_model_structure(config.with_absolute_paths())   # targets, dtype, r: on the meta device, no weights
-        get_benchmark(config.benchmark).validate(config.with_absolute_paths())  # bad input: before Ray starts
-        refuse_if_busy(config.with_absolute_paths().registry_uri(), config.run.name)  # another driver's run: too
-    except (ValueError, LookupError, FileNotFoundError) as error:
-        # Bad input is a clear one-line message, not a traceback.
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    level = args.log_level or default_level()
+    config.run.name = config.run.name or default_run_id(config)   # names the log file too
+    config = config.with_absolute_paths()                # once: the Ray workers read the same files
+    # Bad input stops here, before Ray starts:
+    check_model_structure(config)                        # targets, dtype, r: on the meta device, no weights
+    get_benchmark(config.benchmark).validate(config)     # every task and data file
+    refuse_if_busy(config.registry_uri(), config.run.name)   # another driver's run
     log_file = Path(config.run.output_dir).resolve() / "logs" / f"{config.run.name}.log"
     console = JobConsole(level, log_file)
     console.configure_logging()
@@ -71,11 +77,10 @@ def run(config, args) -> int:
           f"run {config.run.name}; log: {_shown(log_file)}", flush=True)
     try:
         start_ray(console)
-        result = run_sequence(config, stop_after=args.stop_after, progress=not args.quiet,
+        result = run_sequence(config, stop_after=args.stop_after, progress=not args.quiet, checked=True,
                               on_task_done=_print_row(config.data.tasks))
-    except (ValueError, LookupError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except BAD_INPUT:
+        raise                                # found late: one line and exit 2 (run)
     except BaseException as error:
         failed = find_storage_error(error)   # storage down or full: nothing partial is visible
         if failed is not None and not isinstance(error, KeyboardInterrupt):
@@ -84,7 +89,7 @@ def run(config, args) -> int:
             return 1
         tracking = _mlflow_failure(error)    # MLflow down: stop cleanly, the registry keeps the work
         if tracking is not None and not isinstance(error, KeyboardInterrupt):
-            print(f"error: MLflow at {_without_userinfo(config.tracking_uri())} failed: {tracking}\nthe registry "
+            print(f"error: MLflow at {redact(config.tracking_uri())} failed: {tracking}\nthe registry "
                   f"keeps every committed task: once MLflow is back, rerun the same command; it fills in what "
                   f"MLflow missed. Full log: {_shown(log_file)}", file=sys.stderr)
             return 1
@@ -114,36 +119,13 @@ def _moram_command() -> str:
     return str(script) if script.is_file() else "moram"
 
 
-def start_ray(console) -> None:
-    """Join $RAY_ADDRESS or start Ray in-process, with the job's log level for Ray's workers;
-    their output is routed (terminal or log file) by ``console``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    console.route_worker_output()
-    console.reclaim_ray_logger()
-    kwargs = console.ray_init_kwargs()
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
-    console.reclaim_ray_logger()
-
-
 def _mlflow_failure(error: BaseException) -> str | None:
     """The first line of the MLflow error behind ``error``, if MLflow is what failed."""
     from mlflow.exceptions import MlflowException
     from moram_platform.registry.errors import find_cause
 
     found = find_cause(error, MlflowException)
-    return _without_userinfo(str(getattr(found, "message", found)).splitlines()[0]) if found is not None else None
-
-
-def _without_userinfo(text: str) -> str:
-    """``text`` with any user:password@ of a URL masked (a tracking URI may carry basic auth)."""
-    import re
-
-    return re.sub(r"//[^/@\s]+@", "//***@", text)
+    return redact(str(getattr(found, "message", found)).splitlines()[0]) if found is not None else None
 
 
 def _print_row(tasks: list[str]):

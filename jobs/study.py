@@ -40,16 +40,12 @@ def report_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from moram_platform.config import ConfigError
-    from moram_platform.report import ReportError
+    from moram_platform.exits import BAD_INPUT, exit_on_bad_input
     from moram_platform.tune import SweepError
-    from moram_platform.tune.study import StudyError
 
-    try:
-        return report(argv[1:]) if argv[:1] == ["report"] else run(argv)
-    except (StudyError, ConfigError, ReportError, SweepError, ValueError, LookupError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)   # bad input: one clear line, no traceback
-        return 2
+    # bad input (a StudyError, ConfigError, ReportError... are ValueErrors): one clear line, exit 2
+    return exit_on_bad_input(lambda: report(argv[1:]) if argv[:1] == ["report"] else run(argv),
+                             errors=BAD_INPUT + (SweepError,))
 
 
 def run(argv) -> int:

@@ -31,17 +31,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from moram_platform.tune import SweepError, load_space, run_sweep
+    from moram_platform.exits import BAD_INPUT, exit_on_bad_input
+    from moram_platform.tune import SweepError
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        space = load_space(args.space, args.space_overrides)
-        result = run_sweep(space, args.name, job_overrides=args.overrides, storage_path=args.storage_path,
-                           best_config_out=args.best_config_out, train_only=args.train_only, verbose=not args.quiet)
-    except (ValueError, LookupError, FileNotFoundError, SweepError) as error:  # bad input: one clear line
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # bad input, and a sweep no trial of which finished (SweepError): one clear line, exit 2
+    return exit_on_bad_input(lambda: sweep(args), errors=BAD_INPUT + (SweepError,))
+
+
+def sweep(args) -> int:
+    from moram_platform.tune import load_space, run_sweep
+
+    space = load_space(args.space, args.space_overrides)
+    result = run_sweep(space, args.name, job_overrides=args.overrides, storage_path=args.storage_path,
+                       best_config_out=args.best_config_out, train_only=args.train_only, verbose=not args.quiet)
     print(f"\n== sweep {result.name} ==")
     print(result.table())
     print(f"\nbest: {result.best_params}  objective {result.best.objective:.4f} ({result.best.stage} trial "

@@ -24,17 +24,17 @@ PLATFORM = PROJECT_ROOT / "platform" / "moram_platform"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("jobs", ("jobs",)),
     ("cli/report", ("moram_platform.cli", "moram_platform.report", "moram_platform.serving",
-                    "moram_platform.config_reference", "moram_platform.stack")),
+                    "moram_platform.config_reference", "moram_platform.stack", "moram_platform.exits")),
     ("tune", ("moram_platform.tune",)),
     ("sequence", ("moram_platform.sequence",)),
     ("training/evaluation", ("moram_platform.training", "moram_platform.evaluation", "moram_platform.ray_train",
                              "moram_platform.engine", "moram_platform.generation",
-                             "moram_platform.routing_diagnostics", "moram_platform.runs")),
+                             "moram_platform.routing_diagnostics", "moram_platform.runs", "moram_platform.cluster")),
     ("benchmarks", ("moram_platform.benchmark", "moram_platform.trace", "moram_platform.xtail",
                     "moram_platform.config", "moram_platform.causal_lm", "moram_platform.preflight")),
     ("registry/tracking", ("moram_platform.registry", "moram_platform.tracking", "moram_platform.plots",
-                           "moram_platform.console", "moram_platform.sections", "moram_platform.schedule", "moram_platform.raycluster",
-                           "moram_platform.names", "moram_platform.testing", "moram_platform")),
+                           "moram_platform.console", "moram_platform.sections", "moram_platform.schedule",
+                           "moram_platform.names", "moram_platform.credentials", "moram_platform.testing", "moram_platform")),
     ("moram", ("moram",)),
 ]
 BENCHMARK_PACKAGES = ("moram_platform.trace", "moram_platform.xtail")

@@ -64,7 +64,7 @@ def test_every_combination_is_a_point_with_a_stable_run_id(tmp_path, trace_root)
     ({"run.seed": 3}, {}, "grid.run.seed: must be a non-empty list"),
     ({}, {}, "grid: must map at least one job-config key"),
     ({"train.lr": [0.1, -1.0]}, {}, "grid.train.lr: -1.0 is not a valid train.lr"),
-    ({"data.tasks": {"bad label": ["FOMC"]}}, {}, "grid.data.tasks: label 'bad label' may use only"),
+    ({"data.tasks": {"bad label": ["FOMC"]}}, {}, "grid.data.tasks: label 'bad label' must be 1-128 letters, digits and "),
     ({"run.seed": [0]}, {"resources": {"trial_cpu": 0}}, "resources.trial_cpu: must be > 0"),
     ({"run.seed": [0]}, {"extra": 1}, "extra:"),
 ])

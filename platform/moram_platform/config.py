@@ -25,6 +25,7 @@ from moram import MoRAMConfig, MoRAMConfigError
 from moram.validation import error_lines
 
 from .benchmark import BENCHMARKS, benchmark_class, section_model
+from .names import name_problem
 from .sections import (AtLeastOne, AtLeastZero, Bool, Int, NonEmptyStr, OneOrNone, Real, Section, Str, absolute,
                        first_per_key, one_of, rule)
 
@@ -33,14 +34,16 @@ class ConfigError(ValueError):
     """A job config is invalid; each line of the message starts with the key path at fault."""
 
 
-def _safe_name(name: str) -> bool:
-    return name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
+def _run_name(name: str) -> str:
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{problem} (it names storage paths)")
+    return name
 
 
 # -- sections --------------------------------------------------------------------------------
 class RunSection(Section):
-    name: Annotated[NonEmptyStr, rule(_safe_name, "must be letters, digits, '.', '_' or '-' (it names storage "
-                                                   "paths)")] | None = Field(
+    name: Annotated[NonEmptyStr, pydantic.AfterValidator(_run_name)] | None = Field(
         None, description="the run id: registry namespace, Ray storage name, MLflow parent run; rerunning with "
                           "the same name resumes (default: <benchmark>-<model>-<method>-<UTC time>)")
     seed: AtLeastZero = Field(42, description="seeds data order, model initialisation and each task's fresh atoms "
@@ -323,13 +326,26 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    set_path(raw, key.strip(), value)
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any, error: type[ValueError] = ConfigError) -> None:
+    """``raw[a][b][c] = value`` for ``key`` "a.b.c", making the sections on the way."""
     node = raw
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
+            raise error(f"{key}: {part} is not a section")
     node[parts[-1]] = value
+
+
+def get_path(raw: dict[str, Any], key: str) -> Any:
+    """``raw[a][b][c]`` for ``key`` "a.b.c" (KeyError when a part is missing)."""
+    node = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def config_from_dict(raw: dict[str, Any]) -> JobConfig:

@@ -18,6 +18,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from .benchmark import get_benchmark
+from .cluster import worker_resources
 from .config import JobConfig, config_from_dict
 from .registry import BaseModelRef
 from .registry.actor import get_registry_actor
@@ -109,9 +110,7 @@ def fit_task(config: JobConfig, run_id: str, task_index: int, parent_version: in
              base_model: tuple[str, str | None], progress: bool = True) -> None:
     """Train one task with Ray Train; rank 0 commits the new version to the registry."""
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
+    resources = worker_resources(config)
     storage = config.run.storage_path or str(Path(config.run.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,

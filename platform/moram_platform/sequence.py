@@ -28,6 +28,7 @@ import yaml
 
 from moram import MoRAMConfig
 from .benchmark import Benchmark, get_benchmark
+from .cluster import start_ray, worker_resources
 from .config import ConfigError, JobConfig
 from .plots import accuracy_heatmap, activation_heatmap
 from .registry import Registry, RegistryError, RunLease
@@ -74,18 +75,6 @@ def default_run_id(config: JobConfig) -> str:
     return f"{config.benchmark}-{model}-{config.moram_config.method}-{stamp}"
 
 
-def start_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, else start Ray in this process (embedded)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(include_dashboard=False)
-
-
 def check_resources(config: JobConfig) -> None:
     """Fail fast when the workers can never be scheduled (Ray would wait forever). A cluster
     that autoscales may add nodes later, so there a shortfall is only a warning."""
@@ -93,9 +82,7 @@ def check_resources(config: JobConfig) -> None:
 
     scaling = config.scaling
     have = ray.cluster_resources()
-    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        needs["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    needs = {key: scaling.num_workers * value for key, value in worker_resources(config).items()}
     for resource, need in needs.items():
         if need <= have.get(resource, 0):
             continue
@@ -110,17 +97,20 @@ def check_resources(config: JobConfig) -> None:
 
 def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlflow_run: str | None = None,
                  on_task_done: Callable[[int, list[list[float]], list[float] | None], None] | None = None,
-                 progress: bool = True) -> SequenceResult:
+                 progress: bool = True, checked: bool = False) -> SequenceResult:
     """Run (or resume) the continual-learning sequence ``config`` describes.
 
     ``stop_after`` ends the call after that many tasks (a later call resumes);
     ``parent_mlflow_run`` nests the sequence's MLflow run (a sweep trial);
     ``on_task_done(task_index, matrix_so_far, baseline)`` is called after every task's row,
-    e.g. to report to Ray Tune so a scheduler can stop a weak trial early.
+    e.g. to report to Ray Tune so a scheduler can stop a weak trial early;
+    ``checked``: the caller has resolved ``config.with_absolute_paths()`` and validated it with
+    its benchmark (the job entry point does, before Ray starts), so neither is done twice.
     """
-    config = config.with_absolute_paths()
     benchmark = get_benchmark(config.benchmark)
-    benchmark.validate(config)                      # every task and data row, before anything starts
+    if not checked:
+        config = config.with_absolute_paths()
+        benchmark.validate(config)                  # every task and data row, before anything starts
     run_id = config.run.name or default_run_id(config)
     registry = Registry(config.registry_uri())
     _check_resumable(registry, run_id, config)
@@ -256,8 +246,8 @@ def _evaluate_remote(config: JobConfig, run_id: str, version: int, tasks: list[s
 
     from .evaluation import evaluate_version_task
 
-    scaling = config.scaling
-    options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0}
+    resources = worker_resources(config)
+    options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
     # DEFAULT: outside any placement group this process runs in (a Tune trial's would capture it).
     remote = ray.remote(evaluate_version_task).options(**options, max_retries=2, scheduling_strategy="DEFAULT")
     return ray.get(remote.remote(config.to_dict(), config.registry_uri(), run_id, version or None,

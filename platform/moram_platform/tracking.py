@@ -11,11 +11,12 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from .credentials import is_secret_key, redact
 
 RUN_ID_TAG, KIND_TAG, TASK_TAG = "moram.run_id", "moram.kind", "moram.task_index"
 # A study (tune/study.py): its parent run carries its name and grid keys; each point's sequence
@@ -26,34 +27,12 @@ NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI (Mar
 # this kind opens it on runs and their charts.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 _MODEL_TRAINING_VIEW = "workflowType=machine_learning"   # a link's query: the UI's "Model training" mode
-# A key is a secret when one of its words is (``aws_secret_access_key``, ``hf_token``, ``apiKey``),
-# not when a word merely contains one: ``max_new_tokens`` counts tokens, it is no credential.
-_SECRET_WORDS = re.compile(r"(?:^|_)(secret|password|passwd|token|credentials?|api_?key|access_?key|private_?key)(?:_|$)",
-                           re.IGNORECASE)
 # The sections that say where a job runs and writes, not what it computes: not params (their
 # values are in resolved_config.yaml); run.seed is the one result-shaping key among them.
 _PLACEMENT_SECTIONS = ("run", "scaling", "registry", "mlflow")
 # The method's knobs (the paper's), always params even when left at their defaults: what a
 # compare view plots runs against.
 _METHOD_KNOBS = ("method", "r", "k", "tau", "delta", "prune_mass")
-
-
-def redact(value: Any) -> Any:
-    """Drop credentials from URIs (``scheme://user:pass@host`` -> ``scheme://***@host``)."""
-    if not isinstance(value, str) or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return value
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a config key names a credential (its words, camelCase split, as ``_``-separated)."""
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key)).replace("-", "_").replace(".", "_")
-    return _SECRET_WORDS.search(words) is not None
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

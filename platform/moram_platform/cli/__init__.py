@@ -21,9 +21,8 @@ from moram import MoRAMConfigError, ShardError
 from moram.pretrained import PretrainedError
 
 from ..config import ConfigError
+from ..exits import exit_on_bad_input
 from ..registry import REGISTRY_URI_ENV, RegistryError, default_registry_uri
-
-EXIT_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return registry_main(argv[1:])
     args = parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except USER_ERRORS as error:
-        print(f"moram: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    return exit_on_bad_input(lambda: args.handler(args), prefix="moram: error", errors=USER_ERRORS)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

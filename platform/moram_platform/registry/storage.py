@@ -24,6 +24,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..credentials import redact
 from .errors import InvalidURIError, ObjectNotFoundError, StorageError
 
 
@@ -84,18 +85,14 @@ def _location(uri: str | os.PathLike) -> tuple[str, Any, str]:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise InvalidURIError(f"registry URI {uri!r}: file:// URIs name a local path (file:///abs/path)")
+            raise InvalidURIError(f"registry URI {redact(uri)!r}: file:// URIs name a local path (file:///abs/path)")
         return "local", Path(unquote(parsed.path)), ""
     if parsed.scheme == "s3":
         if not parsed.netloc or "@" in parsed.netloc:
-            raise InvalidURIError(f"registry URI {_without_userinfo(parsed)!r}: expected s3://bucket/prefix")
+            raise InvalidURIError(f"registry URI {redact(uri)!r}: expected s3://bucket/prefix")
         return "s3", parsed.netloc, parsed.path.strip("/")
     raise InvalidURIError(
         f"registry URI scheme {parsed.scheme!r} is not supported; use a path, file://... or s3://bucket/prefix")
-
-
-def _without_userinfo(parsed) -> str:
-    return f"{parsed.scheme}://{parsed.hostname or ''}{parsed.path}"
 
 
 def _checked_key(key: str) -> PurePosixPath:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..cluster import worker_resources
 from ..config import JobConfig
 
 _EPS = 1e-6  # Ray counts resources in units of 1e-4; fractional shares must add up exactly
@@ -35,15 +36,6 @@ class TrialShare:
     def total(self) -> dict[str, float]:
         keys = set(self.trial) | set(self.workers)
         return {k: round(self.trial.get(k, 0.0) + self.workers.get(k, 0.0), 4) for k in sorted(keys)}
-
-
-def worker_resources(config: JobConfig) -> dict[str, float]:
-    """One Ray Train worker's resources (also what one evaluation task of the sequence takes)."""
-    scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu and scaling.gpus_per_worker > 0:
-        resources["GPU"] = scaling.gpus_per_worker
-    return resources
 
 
 def training_trial_share(config: JobConfig, trial_cpu: float) -> TrialShare:

@@ -34,6 +34,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr
 from moram.validation import error_lines
 
 from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
+from ..config import set_path as _set_path
 from ..sections import AtLeastOne, AtLeastZero, Int, NonEmptyStr, Real, Section, Str, first_per_key, one_of, rule
 
 SPACES = ("loguniform", "uniform", "choice", "randint", "grid")
@@ -302,13 +303,8 @@ def with_params(raw: dict[str, Any], params: dict[str, Param], values: dict[str,
 
 
 def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SpaceError(f"{key}: {part} is not a section")
-    node[parts[-1]] = value
+    """``config.set_path`` with a space file's error."""
+    _set_path(raw, key, value, SpaceError)
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ A grid file is a base job config, fixed overrides and a grid (every combination 
 A point's run id is ``<study>--<key>-<label>--...`` (last key part: ``method-moram``), so a rerun
 finds its sequence again: a finished one (MLflow status FINISHED) is not started at all, an
 interrupted one resumes from the registry (run_sequence), and recorded evaluations are reused.
-Each trial is the sweep's training trial body (``sweep._sequence_rows``): the sequence runs
+Each trial runs its sequence as the sweep's training trials do (``runner.sequence_rows``): the sequence runs
 outside the trial's placement group, with the trial's own share small (tune/resources.py).
 """
 from __future__ import annotations
@@ -41,12 +41,13 @@ from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr
 from moram.validation import error_lines
 
 from ..config import ConfigError, JobConfig, apply_override, config_from_dict, read_yaml_mapping
+from ..names import name_problem
 from ..sections import AtLeastOne, Real, Section, Str, first_per_key, rule
 from ..tracking import AXES_TAG, LABEL_TAG_PREFIX, STUDY_TAG
 from .resources import training_trial_share
 from ..schedule import KNOWN_METRICS, check_gives, cheapest_for
 from .space import set_path
-from .sweep import _check_name, _cluster_resources, _concurrency, _sequence_rows, _tune_resources, _tuner
+from .runner import check_name, sequence_rows, trial_concurrency, tune_resources, tuner
 from .tracking import SweepTracker
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,8 @@ def study_from_dict(raw: dict[str, Any], source: str | None = None) -> StudyGrid
     for key, labels in grid.axes().items():
         if len(labels) != len(grid.grid[key]):
             problems.append(f"grid.{key}: two values give the same label; name them (label: value)")
-        problems += [f"grid.{key}: label {label!r} may use only letters, digits, '.', '_' and '-' (it names runs)"
-                     for label in labels if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label)]
+        problems += [f"grid.{key}: label {label!r} {name_problem(label)} (it names runs)"
+                     for label in labels if name_problem(label) is not None]
     if problems:
         raise StudyError("\n".join(problems))
     grid._source = source
@@ -238,7 +239,7 @@ def study_trial(values: dict[str, Any], context: StudyContext) -> None:
 
     point = context.points[values["point"]]
     config = config_from_dict(point.config)
-    for index, matrix in _sequence_rows(config, context.study_run):
+    for index, matrix in sequence_rows(config, context.study_run):
         row = matrix[-1][: index + 1]
         tune.report({"tasks_done": index + 1, "op_so_far": sum(row) / len(row), "run_id": point.run_id})
     label_point(context, point)
@@ -285,9 +286,9 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
     from ..benchmark import get_benchmark
     from ..runs import compare_runs
     from ..preflight import check_model_structure
-    from ..sequence import start_ray
+    from ..cluster import cluster_resources, start_ray
 
-    name = _check_name(name)
+    name = check_name("study", name)
     points = study_points(grid, name, job_overrides)
     configs = [config_from_dict(p.config) for p in points]
     tracking_uri, experiment = _one_tracking(configs)
@@ -319,14 +320,14 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
         if pending:
             share = max((training_trial_share(config_from_dict(p.config), grid.resources.trial_cpu) for p in pending),
                         key=lambda s: tuple(sorted(s.total.items())))
-            concurrency = _concurrency(share, _cluster_resources(), grid.resources.max_concurrent, "study sequence")
+            concurrency = trial_concurrency(share, cluster_resources(), grid.resources.max_concurrent, "study sequence")
             context = StudyContext(name, study_run, tracking_uri, experiment, {p.run_id: p for p in pending})
             trainable = tune.with_resources(tune.with_parameters(study_trial, context=context),
-                                            _tune_resources(share.trial))
+                                            tune_resources(share.trial))
             names = sorted(p.run_id for p in pending)
             # One Tune experiment per set of pending points: an interrupted call resumes its own.
             tune_name = "grid-" + hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
-            results = _tuner(f"{root}/{tune_name}", trainable, {"point": tune.grid_search(names)},
+            results = tuner(f"{root}/{tune_name}", trainable, {"point": tune.grid_search(names)},
                              tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrency)),
                              tune.RunConfig(name=tune_name, storage_path=root, verbose=1 if verbose else 0,
                                             failure_config=tune.FailureConfig(max_failures=1))).fit()

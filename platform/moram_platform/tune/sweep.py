@@ -22,19 +22,18 @@ import hashlib
 import io
 import json
 import logging
-import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
-from ..config import JobConfig, config_from_dict
+from ..cluster import cluster_resources, start_ray
+from ..config import JobConfig, config_from_dict, get_path
 from ..tracking import flatten
-from .resources import ResourceError, TrialShare, concurrent_trials, evaluation_trial_share, training_trial_share
+from .resources import TrialShare, evaluation_trial_share, training_trial_share
+from .runner import SweepError, check_name, sequence_rows, trial_concurrency, tune_resources, tuner
 from .space import Objective, Param, SpaceError, SweepSpace, with_params
 from .tracking import SweepTracker
 
@@ -42,12 +41,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"
 SEQUENCE_TAG = "moram.sequence"        # on a training trial's run: the run id of its sequence
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_POLL_S = 2.0
-
-
-class SweepError(RuntimeError):
-    """A sweep could not produce a result (e.g. no trial finished its sequence)."""
 
 
 # -- what the stages produce -----------------------------------------------------------------------
@@ -136,7 +129,7 @@ def training_trial(values: dict[str, Any], context: TrialContext) -> None:
     # it still has to do must be done by then.
     last = None
     try:
-        for index, matrix in _sequence_rows(config, trial_run):
+        for index, matrix in sequence_rows(config, trial_run):
             if last is not None:
                 tune.report(last)
             last = scores_after(index, matrix)
@@ -146,46 +139,6 @@ def training_trial(values: dict[str, Any], context: TrialContext) -> None:
     tracker.finish(trial_run)
     if last is not None:
         tune.report(last)
-
-
-def _sequence_rows(config: JobConfig, trial_run: str) -> Iterator[tuple[int, list[list[float]]]]:
-    """(task index, accuracy matrix so far) after each task of ``run_sequence(config)``.
-
-    The sequence runs in a task of its own, outside the trial's placement group: Tune's group
-    captures every task a trial starts, and the sequence schedules its own Ray Train workers and
-    evaluation tasks, which would not fit the trial's small share (and must not be counted in it).
-    The rows come back through a queue, so ``tune.report`` is still called from the trial.
-    """
-    import ray
-    from ray.util.queue import Queue
-
-    rows = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": "DEFAULT"})
-    # No retries: a failed sequence fails its trial, which Tune restarts (it resumes from the registry).
-    sequence = ray.remote(num_cpus=0, max_retries=0)(_run_sequence).options(scheduling_strategy="DEFAULT")
-    done = sequence.remote(config.to_dict(), trial_run, rows)
-    while True:
-        try:
-            item = rows.get(timeout=_POLL_S)
-        except Empty:
-            if ray.wait([done], timeout=0)[0]:
-                ray.get(done)   # the sequence died without saying so: raise its error
-                raise SweepError(f"run {config.run.name}: the sequence ended without finishing")
-            continue
-        if item is None:
-            break
-        yield item
-    ray.get(done)               # re-raises the sequence's error, if it failed
-
-
-def _run_sequence(config_dict: dict[str, Any], trial_run: str, rows) -> dict[str, float]:
-    from ..sequence import run_sequence
-
-    try:
-        result = run_sequence(config_from_dict(config_dict), parent_mlflow_run=trial_run, progress=False,
-                              on_task_done=lambda index, matrix, baseline: rows.put((index, matrix)))
-    finally:
-        rows.put(None)
-    return result.summary
 
 
 def delta_trial(values: dict[str, Any], context: TrialContext) -> None:
@@ -233,9 +186,7 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     """
     from ..benchmark import get_benchmark
     from ..preflight import check_model_structure
-    from ..sequence import start_ray
-
-    name = _check_name(name or _default_name(space))
+    name = check_name("sweep", name or _default_name(space))
     base = space.job_config(job_overrides)
     base_raw = space.base_raw(job_overrides)
     trial_config = config_from_dict(_with_schedule(space.trial_raw(base_raw))).with_absolute_paths()
@@ -243,9 +194,9 @@ def run_sweep(space: SweepSpace, name: str | None = None, *, job_overrides: list
     get_benchmark(trial_config.benchmark).validate(trial_config)     # data and model, before any trial starts
 
     start_ray()
-    cluster = _cluster_resources()
+    cluster = cluster_resources()
     train_share = training_trial_share(trial_config, space.resources.trial_cpu)
-    concurrency = _concurrency(train_share, cluster, space.search.max_concurrent, "training trial")
+    concurrency = trial_concurrency(train_share, cluster, space.search.max_concurrent, "training trial")
     if concurrency < space.search.max_concurrent:
         log.warning("sweep %s: %d concurrent training trials (not %d): each holds %s at its peak, the cluster has %s",
                     name, concurrency, space.search.max_concurrent, train_share.total, cluster)
@@ -292,7 +243,7 @@ def _training_stage(space: SweepSpace, context: TrialContext, share: TrialShare,
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(training_trial, context=context),
-                                    _tune_resources(share.trial))
+                                    tune_resources(share.trial))
     tasks = len(context.trial_raw["data"]["tasks"])
     param_space = {p.name: p.domain() for p in space.training_params}
     tune_config = tune.TuneConfig(
@@ -302,7 +253,7 @@ def _training_stage(space: SweepSpace, context: TrialContext, share: TrialShare,
     # A trial that fails is restarted once: it resumes its sequence from the registry.
     run_config = tune.RunConfig(name="train", storage_path=root, failure_config=tune.FailureConfig(max_failures=1),
                                 verbose=1 if verbose else 0)
-    grid = _tuner(f"{root}/train", trainable, param_space, tune_config, run_config).fit()
+    grid = tuner(f"{root}/train", trainable, param_space, tune_config, run_config).fit()
     return [_training_outcome(result, tasks, list(param_space)) for result in grid]
 
 
@@ -314,29 +265,19 @@ def _delta_stage(space: SweepSpace, context: TrialContext, trials: list[TrialOut
     sources = _top_trials(trials, space.objective, space.delta_stage.top_trials)
     param, = space.inference_params
     share = evaluation_trial_share(trial_config)
-    concurrency = _concurrency(share, cluster, space.search.max_concurrent, "δ (evaluation) trial")
+    concurrency = trial_concurrency(share, cluster, space.search.max_concurrent, "δ (evaluation) trial")
     # Every finished trial can be looked up (a restored δ experiment names the sources it started with).
     finished = {t.trial_id: t for t in trials if _scored(t)}
     context = dataclasses.replace(context, sources=finished)
-    trainable = tune.with_resources(tune.with_parameters(delta_trial, context=context), _tune_resources(share.trial))
+    trainable = tune.with_resources(tune.with_parameters(delta_trial, context=context), tune_resources(share.trial))
     param_space = {"trial": tune.grid_search([t.trial_id for t in sources]), param.name: param.domain()}
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE, mode=space.objective.mode,
         search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=space.search.seed),
         num_samples=1 if param.space == "grid" else space.delta_stage.num_samples)
     run_config = tune.RunConfig(name="delta", storage_path=root, verbose=1 if verbose else 0)
-    grid = _tuner(f"{root}/delta", trainable, param_space, tune_config, run_config).fit()
+    grid = tuner(f"{root}/delta", trainable, param_space, tune_config, run_config).fit()
     return [_delta_outcome(result, finished, param.name) for result in grid]
-
-
-def _tuner(path: str, trainable, param_space, tune_config, run_config):
-    """A new Tuner, or the interrupted one at ``path`` (unfinished and errored trials continue)."""
-    from ray import tune
-
-    if tune.Tuner.can_restore(path):
-        log.info("restoring the Tune experiment at %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def _searcher(space: SweepSpace, concurrency: int):
@@ -360,28 +301,6 @@ def _scheduler(space: SweepSpace, tasks: int):
     return ASHAScheduler(time_attr="training_iteration", max_t=tasks,
                          grace_period=min(space.scheduler.grace_period, tasks),
                          reduction_factor=space.scheduler.reduction_factor)
-
-
-def _concurrency(share: TrialShare, cluster: dict[str, float], wanted: int, what: str) -> int:
-    """Concurrent trials the cluster holds now. On a cluster joined through RAY_ADDRESS, which may
-    autoscale, a trial that does not fit yet is a warning (one trial at a time), like run_sequence."""
-    try:
-        return concurrent_trials(share, cluster, wanted, what)
-    except ResourceError as error:
-        if not os.environ.get("RAY_ADDRESS"):
-            raise
-        log.warning("%s; running one trial at a time while the cluster scales up", error)
-        return 1
-
-
-def _tune_resources(resources: dict[str, float]) -> dict[str, float]:
-    return {key.lower(): value for key, value in resources.items()}
-
-
-def _cluster_resources() -> dict[str, float]:
-    import ray
-
-    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
 # -- outcomes ------------------------------------------------------------------------------------
@@ -459,7 +378,7 @@ def _finish(space, name, base_raw, trial_config, best, trials, delta_trials, tra
             root, resumed) -> SweepResult:
     values = dict(best.params)
     for param in space.inference_params:   # a training trial ran with the base δ
-        values.setdefault(param.name, _value_at(trial_config.to_dict(), param.key))
+        values.setdefault(param.name, get_path(trial_config.to_dict(), param.key))
     config = best_job_config(space, base_raw, values)
     text = _best_config_text(space, name, best, values, config)
     out = Path(best_config_out) if best_config_out else None
@@ -515,13 +434,6 @@ def _trials_csv(trials: list[TrialOutcome]) -> str:
 
 
 # -- small helpers -------------------------------------------------------------------------------
-def _check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise SpaceError(f"sweep name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit (it prefixes run ids and storage paths)")
-    return name
-
-
 def _default_name(space: SweepSpace) -> str:
     stem = Path(space.source).stem if space.source else "sweep"
     return f"{stem}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
@@ -539,13 +451,6 @@ def _sweep_params(space: SweepSpace) -> dict[str, str]:
 def _sweep_tags(space: SweepSpace, base: JobConfig) -> dict[str, str]:
     return {"moram.benchmark": base.benchmark, "moram.method": base.moram_config.method,
             "moram.base_config": space.base_config, "moram.space": space.source or ""}
-
-
-def _value_at(raw: dict[str, Any], key: str) -> Any:
-    node = raw
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def _plain_text(value: Any) -> str:
