@@ -2,18 +2,17 @@
 
 A bad value raises ``MoRAMConfigError`` with one ``key: message, got value`` line per bad key
 (``moram.validation.format_errors``); a config nested in a job config reports the same
-messages under its own prefix (``moram.tau: tau must be > 0, got -1``).
+messages under its own prefix (``moram.tau: must be > 0, got -1``).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import pydantic
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .methods import METHODS
-from .validation import format_errors
+from .validation import check_integer, check_real, format_errors
 
 # Attention projections of LLaMA-family models (LLaMA, SmolLM2, Gemma, Qwen, Mistral).
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -67,44 +66,44 @@ class MoRAMConfig(pydantic.BaseModel):
     @field_validator("r", "k", mode="before")
     @classmethod
     def _positive_int(cls, value: Any) -> int:
-        return _integer(value, minimum=1)
+        return check_integer(value, minimum=1)
 
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, value: Any) -> int:
-        return _integer(value, minimum=0)
+        return check_integer(value, minimum=0)
 
     @field_validator("moe_top_k", mode="before")
     @classmethod
     def _moe_top_k(cls, value: Any) -> int | None:
-        return None if value is None else _integer(value, minimum=1)
+        return None if value is None else check_integer(value, minimum=1)
 
     @field_validator("tau", "alpha", "eps", "moe_tau", mode="before")
     @classmethod
     def _positive(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         if value is None and info.field_name == "alpha":
             return None  # 2r, filled in once r is known
-        return _real(value, f"{info.field_name} must be > 0", lambda v: v > 0)
+        return check_real(value, "must be > 0", lambda v: v > 0)
 
     @field_validator("olora_lambda1", "olora_lambda2", mode="before")
     @classmethod
     def _non_negative(cls, value: Any, info: pydantic.ValidationInfo) -> float:
-        return _real(value, f"{info.field_name} must be >= 0", lambda v: v >= 0)
+        return check_real(value, "must be >= 0", lambda v: v >= 0)
 
     @field_validator("delta", mode="before")
     @classmethod
     def _delta(cls, value: Any) -> float:
-        return _real(value, "delta must be in [0, 1]", lambda v: 0 <= v <= 1)
+        return check_real(value, "must be in [0, 1]", lambda v: 0 <= v <= 1)
 
     @field_validator("dropout", mode="before")
     @classmethod
     def _dropout(cls, value: Any) -> float:
-        return _real(value, "dropout must be in [0, 1)", lambda v: 0 <= v < 1)
+        return check_real(value, "must be in [0, 1)", lambda v: 0 <= v < 1)
 
     @field_validator("prune_mass", mode="before")
     @classmethod
     def _prune_mass(cls, value: Any) -> float | None:
-        return None if value is None else _real(value, "prune_mass must be in (0, 1] or null", lambda v: 0 < v <= 1)
+        return None if value is None else check_real(value, "must be in (0, 1] or null", lambda v: 0 < v <= 1)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -178,15 +177,3 @@ def _describe(error: pydantic.ValidationError) -> str:
         line.replace(": unknown key", ": unknown MoRAM config key", 1) + f" (known keys: {known})"
         if ": unknown key" in line else line
         for line in lines)
-
-
-def _integer(value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"must be an integer >= {minimum}")
-    return value
-
-
-def _real(value: Any, rule: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(rule)
-    return value

@@ -5,7 +5,8 @@ bad key, each starting with the key's full dotted path, never a pydantic traceba
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import pydantic
 
@@ -19,6 +20,21 @@ def error_lines(error: pydantic.ValidationError, prefix: str = "") -> list[str]:
         message = _message(problem)
         lines.append(f"{key}: {message}{_got(problem)}")
     return lines
+
+
+def check_integer(value: Any, minimum: int) -> int:
+    """An int (not a bool) >= ``minimum``, else ValueError("must be an integer >= minimum")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"must be an integer >= {minimum}")
+    return value
+
+
+def check_real(value: Any, rule: str, ok: Callable[[float], bool]) -> float:
+    """A finite number (not a bool) for which ``ok`` holds, else ValueError(rule). ``rule``
+    says what the value must be, without the key (``"must be > 0"``): the line names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(rule)
+    return value
 
 
 def format_errors(error: pydantic.ValidationError, prefix: str = "") -> str:

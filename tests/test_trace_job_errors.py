@@ -51,7 +51,7 @@ def test_missing_train_split_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("moram.tau=-1", "moram.tau: tau must be > 0"),
+    ("moram.tau=-1", "moram.tau: must be > 0"),
     ("moram.k=0", "moram.k: must be an integer >= 1"),
     ("train.lr=0", "train.lr: must be > 0"),
     ("scaling.num_workers=many", "scaling.num_workers: must be an integer"),
