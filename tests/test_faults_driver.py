@@ -364,10 +364,15 @@ def test_mlflow_down_from_the_start_stops_the_job_before_any_work(setup, tmp_pat
 
 def test_no_credential_in_anything_the_runs_wrote(setup, s3_server, mlflow_server, tmp_path):
     """After the jobs above (credentials in the environment, registry and MLflow artifacts on
-    S3): neither key appears in the run folder (job stdout/stderr, run logs, Ray Train
-    checkpoints), the registry objects, MLflow params/tags/metrics/artifacts or Ray's logs."""
+    S3): no S3 key, no MLflow password and no Ray token appears in the run folder (job
+    stdout/stderr, run logs, Ray Train checkpoints), the registry objects, MLflow
+    params/tags/metrics/artifacts or Ray's logs."""
+    from fixtures.auth import session_ray_token
+
     folder, config, registry, experiment, reference = setup
-    secrets = {"access key": s3_server.access_key.encode(), "secret key": s3_server.secret_key.encode()}
+    secrets = {"access key": s3_server.access_key.encode(), "secret key": s3_server.secret_key.encode(),
+               "MLflow password": os.environ["MLFLOW_TRACKING_PASSWORD"].encode(),
+               "Ray token": session_ray_token().encode()}
     scanned = {"files": 0, "objects": 0, "runs": 0}
 
     def scan(where: str, data: bytes) -> None:

@@ -21,7 +21,8 @@ from fixtures.paths import PROJECT_ROOT, TRACE_500
 
 INFRA = PROJECT_ROOT / "infra" / "local"
 RAY = str(Path(sys.executable).parent / "ray")
-SECRET_FILES = {"stack.env", "credentials.json", "s3.json"}   # the only files that may hold the S3 keys
+# The only files that may hold a secret: the S3 keys, the MLflow password, the Ray token.
+SECRET_FILES = {"stack.env", "credentials.json", "s3.json", "ray-auth-token"}
 SMOKE_CONFIG = "jobs/configs/trace/smollm2-135m_moram_cpu-smoke.yaml"
 RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
 # Where the driver and a Ray worker import the project's packages from, as one JSON line.
@@ -52,10 +53,15 @@ def state_dir(tmp_path):
 
 
 def client_env() -> dict[str, str]:
-    """The caller's environment with no S3 keys, registry or MLflow settings: a job can only get
-    them from the Ray head."""
-    drop = ("AWS_", "MLFLOW_TRACKING_URI", "MORAM_REGISTRY_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    """The caller's environment with no S3 keys, registry, MLflow or Ray credentials: a job can
+    only get them from the Ray head."""
+    drop = ("AWS_", "MLFLOW_TRACKING_", "MORAM_REGISTRY_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_")
     return {key: value for key, value in os.environ.items() if not key.startswith(drop)}
+
+
+def with_token(stack: LocalStack) -> dict[str, str]:
+    """client_env() plus what `source stack.env` gives Ray's clients: token mode and the token's file."""
+    return {**client_env(), **{key: stack.public_env()[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}}
 
 
 def script(name: str, state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -74,13 +80,17 @@ def client_of(stack: LocalStack):
         yield
 
 
-def submit(stack: LocalStack, *entrypoint: str, runtime_env: bool = False, timeout: float = 600) -> str:
+def submit(stack: LocalStack, *entrypoint: str, runtime_env: bool = False, timeout: float = 600,
+           token: bool = True) -> subprocess.CompletedProcess | str:
     """`ray job submit --working-dir .` from the repository root, with `--runtime-env
-    infra/runtime_env.yaml` (as on a cluster without the package) when ``runtime_env``."""
+    infra/runtime_env.yaml` (as on a cluster without the package) when ``runtime_env``; with the
+    stack's token (its stdout), or without any (the finished process, for the refusal)."""
     options = ["--runtime-env", str(RUNTIME_ENV.relative_to(PROJECT_ROOT))] if runtime_env else []
     job = subprocess.run([RAY, "job", "submit", "--address", stack.dashboard_url, *options, "--working-dir", ".",
-                          "--", *entrypoint], env=client_env(), cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         timeout=timeout)
+                          "--", *entrypoint], env=with_token(stack) if token else client_env(), cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=timeout)
+    if not token:
+        return job
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     return job.stdout
 
@@ -126,7 +136,10 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
         assert url in up.stdout
     assert f"source {stack.env_file}" in up.stdout
     assert keys["secret_key"] not in up.stdout + up.stderr and keys["access_key"] not in up.stdout
-    for private in (stack.env_file, stack.credentials_file, state_dir / "seaweedfs" / "s3.json"):
+    token = stack.ray_token_file.read_text()
+    secrets = {"S3 secret key": keys["secret_key"], "MLflow password": keys["mlflow_password"], "Ray token": token}
+    assert not [what for what, secret in secrets.items() if secret in up.stdout + up.stderr]
+    for private in (stack.env_file, stack.credentials_file, stack.ray_token_file, state_dir / "seaweedfs" / "s3.json"):
         assert private.stat().st_mode & 0o777 == 0o600, private
     assert f"export AWS_SECRET_ACCESS_KEY={keys['secret_key']}" in stack.env_file.read_text()
 
@@ -142,6 +155,18 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
            {name: stack._process(name) for name in SERVICES}
     status = script("status.sh", state_dir)
     assert status.returncode == 0 and status.stdout.count("healthy") == 3, status.stdout
+
+    # Nobody gets in without credentials: a job submitted without the token is refused (and
+    # never runs), the dashboard's API answers 401 without it and 403 to a wrong one; MLflow
+    # refuses a request without its user, the S3 gateway one without its keys.
+    refused = submit(stack, "python", "-c", "open('/tmp/moram-must-not-run', 'w')", token=False)
+    assert refused.returncode != 0 and "Authentication required" in refused.stderr, refused.stderr[-2000:]
+    assert not Path("/tmp/moram-must-not-run").exists()
+    assert _status(f"{stack.dashboard_url}/api/jobs/") == 401
+    assert _status(f"{stack.dashboard_url}/api/jobs/", {"Authorization": "Bearer " + "0" * 64}) == 403
+    assert _status(f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    assert _status(f"{stack.s3_endpoint}/{stack.bucket}") == 403
+    assert _status(f"{stack.mlflow_uri}/health") == 200       # the health probe alone is open
 
     # A job: a Ray task commits to the S3 registry, the driver logs an MLflow run with an artifact.
     run_name = f"smoke-{uuid.uuid4().hex[:6]}"
@@ -164,8 +189,13 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
         assert Path(modules["moram"]).resolve().is_relative_to(shipped / "working_dir_files"), (where, modules)
         assert Path(modules["moram_platform"]).resolve().is_relative_to(shipped / "py_modules_files"), (where, modules)
 
-    jobs = json.dumps(_get_json(f"{stack.dashboard_url}/api/jobs/"))
-    assert keys["secret_key"] not in jobs and keys["access_key"] not in jobs     # not in any runtime env
+    jobs = json.dumps(_get_json(f"{stack.dashboard_url}/api/jobs/", {"Authorization": f"Bearer {token}"}))
+    assert keys["access_key"] not in jobs
+    assert not [what for what, secret in secrets.items() if secret in jobs]      # not in any runtime env
+    with client_of(stack):            # nor in an MLflow param, tag or metric of the job
+        run = MlflowClient(stack.mlflow_uri).get_run(result["mlflow_run_id"])
+        logged = json.dumps([run.data.params, run.data.tags, run.data.metrics])
+    assert not [what for what, secret in secrets.items() if secret in logged]
 
     # Stop: exactly the recorded processes, and their ports close.
     down = script("down.sh", state_dir)
@@ -173,8 +203,9 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
     assert not [p.pid for p in started if p.alive()], "a stack process outlived down"
     assert not listening(pids)
     assert script("status.sh", state_dir).returncode == 1
-    leaked = files_holding(keys["secret_key"], state_dir, stack.ray_temp_dir)
-    assert {path.name for path in leaked} <= SECRET_FILES, leaked
+    for what, secret in secrets.items():   # the logs of every service and Ray's session files
+        leaked = files_holding(secret, state_dir, stack.ray_temp_dir)
+        assert {path.name for path in leaked} <= SECRET_FILES, (what, leaked)
 
     # Restart with MLflow's port taken by someone else: the rest keeps its ports, MLflow moves,
     # and stack.env says where; the keys and all the data are the same.
@@ -189,14 +220,14 @@ def test_stack_runs_a_job_stops_cleanly_and_comes_back_with_its_data(state_dir):
     assert stack.ports["seaweedfs"] == old_ports["seaweedfs"] and stack.ports["ray"] == old_ports["ray"]
     assert stack.ports["mlflow"] != old_ports["mlflow"]
     assert f"export MLFLOW_TRACKING_URI={stack.mlflow_uri}" in stack.env_file.read_text()
-    assert json.loads(stack.credentials_file.read_text()) == keys
+    assert json.loads(stack.credentials_file.read_text()) == keys and stack.ray_token_file.read_text() == token
 
-    client = MlflowClient(stack.mlflow_uri)
-    run = client.get_run(result["mlflow_run_id"])
-    assert run.info.run_name == run_name and run.data.metrics == {"accuracy": 42.0}
-    artifact = Path(client.download_artifacts(run.info.run_id, "smoke.txt", str(state_dir.parent)))
-    assert artifact.read_text() == f"run {run_name}: registry version 1\n"
     with client_of(stack):
+        client = MlflowClient(stack.mlflow_uri)
+        run = client.get_run(result["mlflow_run_id"])
+        assert run.info.run_name == run_name and run.data.metrics == {"accuracy": 42.0}
+        artifact = Path(client.download_artifacts(run.info.run_id, "smoke.txt", str(state_dir.parent)))
+        assert artifact.read_text() == f"run {run_name}: registry version 1\n"
         registry = Registry(stack.registry_uri)
         assert registry.versions(run_name) == [1]
         registry.verify(run_name, 1)
@@ -246,9 +277,9 @@ def test_trace_job_on_the_stack_then_after_a_restart(state_dir):
         with client_of(stack):
             assert Registry(stack.registry_uri).versions(run_name) == [1]
             Registry(stack.registry_uri).verify(run_name, 1)
-        client = MlflowClient(stack.mlflow_uri)
-        runs = client.search_runs([client.get_experiment_by_name("trace").experiment_id],
-                                  filter_string=f"tags.`moram.run_id` = '{run_name}'")
+            client = MlflowClient(stack.mlflow_uri)
+            runs = client.search_runs([client.get_experiment_by_name("trace").experiment_id],
+                                      filter_string=f"tags.`moram.run_id` = '{run_name}'")
         assert sorted(r.info.run_name for r in runs) == sorted([run_name, "task-0-C-STANCE"])
 
     check(stack)
@@ -265,9 +296,10 @@ def test_status_of_a_stopped_stack_names_each_service_and_its_url(state_dir):
     stack.state = {"ports": {service.name: service.fresh_ports() for service in stack.services},
                    "processes": {name: gone for name in SERVICES}}
     stack._write_state()
-    assert set(stack.public_env()) == {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
-                                       "MORAM_REGISTRY_URI", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
-                                       "AWS_EC2_METADATA_DISABLED"}
+    assert set(stack.public_env()) == {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",
+                                       "MLFLOW_TRACKING_URI", "MORAM_REGISTRY_URI", "AWS_ENDPOINT_URL_S3",
+                                       "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED"}
+    assert stack.public_env()["RAY_AUTH_MODE"] == "token"           # the file's name; the token is in no env
     assert stack.public_env()["RAY_API_SERVER_ADDRESS"] == stack.dashboard_url
     status = script("status.sh", state_dir, timeout=60)
     assert status.returncode == 1, status.stdout + status.stderr
@@ -277,11 +309,23 @@ def test_status_of_a_stopped_stack_names_each_service_and_its_url(state_dir):
     assert LocalStack(state_dir).down() == []        # nothing recorded is alive: nothing to signal
 
 
-def _get_json(url: str):
+def _get_json(url: str, headers: dict | None = None):
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
         return json.loads(response.read())
+
+
+def _status(url: str, headers: dict | None = None) -> int:
+    """The HTTP status of a GET without credentials (or with ``headers``)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def _processes_mentioning(text: str) -> list[str]:

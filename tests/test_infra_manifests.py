@@ -80,7 +80,7 @@ def job_command(command: str) -> tuple[Path, Path | None, list[str]]:
 def test_manifests_are_the_expected_resources():
     kinds = sorted((name, doc["kind"]) for name, docs in manifests().items() for doc in docs)
     assert kinds == [("configmap.yaml", "ConfigMap"), ("raycluster.yaml", "RayCluster"),
-                     ("rayjob.yaml", "RayJob"), ("secret.example.yaml", "Secret")]
+                     ("rayjob.yaml", "RayJob"), *[("secret.example.yaml", "Secret")] * 3]
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
@@ -155,6 +155,8 @@ def test_every_pod_gets_the_settings_and_the_optional_s3_secret():
     assert {"MORAM_REGISTRY_URI", "MLFLOW_TRACKING_URI"} <= set(configmap["data"])
     assert not [key for key in configmap["data"] if "SECRET" in key or "ACCESS_KEY" in key]
     assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    mlflow_user = next(doc for doc in documents("Secret") if doc["metadata"]["name"] == "moram-mlflow-credentials")
+    assert set(mlflow_user["stringData"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     images = set()
     for where, spec in cluster_specs():
         for group, template in pod_templates(spec):
@@ -162,12 +164,30 @@ def test_every_pod_gets_the_settings_and_the_optional_s3_secret():
                 sources = container.get("envFrom", [])
                 assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in sources, f"{where} {group}"
                 assert {"secretRef": {"name": secret["metadata"]["name"], "optional": True}} in sources, f"{where} {group}"
+                assert {"secretRef": {"name": "moram-mlflow-credentials"}} in sources, f"{where} {group}"
                 assert not container.get("env"), f"{where} {group}: settings belong in the ConfigMap/Secret"
                 images.add(container["image"])
         workers = spec["workerGroupSpecs"]
         assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for g in workers)
         assert spec["rayVersion"] == ray.__version__
     assert len(images) == 1, images                             # one image, the one docs/deploy.md builds
+
+
+def test_every_cluster_runs_ray_with_token_authentication():
+    """KubeRay's authOptions on every cluster, with the token from the Secret the example shows
+    (its key auth_token, as KubeRay reads it); no token in any manifest."""
+    (token_secret,) = [doc for doc in documents("Secret") if doc["metadata"]["name"] == "moram-ray-token"]
+    assert set(token_secret["stringData"]) == {"auth_token"}
+    for where, spec in cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token", "secretName": "moram-ray-token"}, where
+    misspelt = copy.deepcopy(documents("RayCluster")[0])
+    misspelt["spec"]["authOptions"]["mode"] = "tokens"
+    assert any("authOptions.mode" in e for e in kuberay_errors(misspelt))
+    for path in [*KUBERAY.glob("*.yaml"), CLUSTER_CONFIG]:       # example values only
+        assert not re.search(r"\b[0-9a-f]{32,}\b", path.read_text()), path
+    for command in _commands(KUBERAY / "raycluster.yaml") + _commands(CLUSTER_CONFIG):
+        if command.startswith(("ray job", "RAY_AUTH_MODE")) and "submit" in command:
+            assert command.startswith("RAY_AUTH_MODE=token "), command
 
 
 # -- AWS cluster launcher --------------------------------------------------------------------
@@ -196,6 +216,11 @@ def test_cluster_nodes_reach_s3_through_an_instance_profile_not_keys():
     assert gpu_types and all(config["available_node_types"][n]["max_workers"] > 0 for n in gpu_types)
     run_options = " ".join(config["docker"]["run_options"])
     assert "MORAM_REGISTRY_URI=s3://" in run_options and "MLFLOW_TRACKING_URI=" in run_options
+    # Ray's token and MLflow's user reach every node as files from the user's machine, not in the config.
+    assert "--env RAY_AUTH_MODE=token" in run_options
+    token_path = re.search(r"--env RAY_AUTH_TOKEN_PATH=(\S+)", run_options).group(1)
+    env_file = re.search(r"--env-file (\S+)", run_options).group(1)
+    assert config["file_mounts"] == {token_path: "~/.ray/auth_token", env_file: "~/.moram/mlflow.env"}
     assert config["docker"]["image"] == documents("RayJob")[0]["spec"]["rayClusterSpec"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"]
 

@@ -7,7 +7,8 @@
 Everything lives in one state directory (default ``$MORAM_STACK_DIR``, else ``~/.moram/stack``):
 
     stack.json          ports, process ids, URLs: no secrets
-    credentials.json    the generated S3 keys (0600)
+    credentials.json    the generated S3 keys and MLflow user/password (0600)
+    ray-auth-token      the Ray cluster's token (0600): RAY_AUTH_TOKEN_PATH names it
     stack.env           the environment to ``source`` for jobs and clients (0600: it holds the keys)
     seaweedfs/          S3 data (the registry and the MLflow artifacts) and weed.log
     mlflow/             mlflow.db (runs, metrics, params) and server.log
@@ -17,9 +18,11 @@ Everything lives in one state directory (default ``$MORAM_STACK_DIR``, else ``~/
 leaves the data; ``up`` again brings the same data back with the same credentials and, where
 they are still free, the same ports (else new ones, and ``stack.env`` is rewritten).
 
-The Ray head runs with the S3 credentials, MORAM_REGISTRY_URI and MLFLOW_TRACKING_URI in its
-environment, so jobs submitted with ``ray job submit`` reach the registry and MLflow without any
-secret in their runtime env (which the dashboard shows).
+Nothing listens unauthenticated: Ray runs with token authentication (RAY_AUTH_MODE=token), MLflow
+with its basic-auth app, SeaweedFS's S3 gateway with the generated keys. The Ray head runs with
+the S3 keys, the MLflow user, MORAM_REGISTRY_URI and MLFLOW_TRACKING_URI in its environment, so
+jobs submitted with ``ray job submit`` reach the registry and MLflow without any secret in their
+runtime env (which the dashboard shows).
 
 Modules: ``services`` (one record per service: start, health, env), ``local`` (``LocalStack``,
 which runs them), ``processes`` (pids, ports, private files), and the servers themselves,

@@ -21,9 +21,10 @@ def describe(stack: LocalStack) -> str:
         "",
         "Environment for jobs and clients:",
         *(f"  export {key}={value}" for key, value in stack.public_env().items()),
-        f"  source {stack.env_file}   # all of the above plus AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+        f"  source {stack.env_file}   # all of the above plus the S3 keys and the MLflow user/password",
         "",
-        "Submit a job (jobs take the S3 keys from the Ray head, not from the runtime env):",
+        "Submit a job (after `source stack.env`: ray reads the token from RAY_AUTH_TOKEN_PATH; jobs take",
+        "the S3 keys and MLflow user from the Ray head, not from the runtime env):",
         f"  ray job submit --address {stack.dashboard_url} --working-dir . -- python jobs/trace.py \\",
         "      --config jobs/configs/trace/smollm2-135m_moram_cpu-smoke.yaml --set data.root=$PWD/../shared/datasets/TRACE-500",
     ])

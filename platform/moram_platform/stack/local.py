@@ -11,6 +11,7 @@ import secrets
 import time
 from pathlib import Path
 
+from .mlflow_server import MlflowAuth
 from .processes import Process, port_free, write_private
 from .services import (Mlflow, RayHead, SeaweedFS, Service, StackError, Startup, key_env, port_values,
                        ray_temp_dir)
@@ -19,6 +20,8 @@ BUCKET = "moram"
 REGISTRY_PREFIX = "registry"
 ARTIFACTS_PREFIX = "mlflow-artifacts"
 STATE_DIR_ENV = "MORAM_STACK_DIR"
+# credentials.json: the S3 keys, the MLflow user and its session-cookie key.
+_CREDENTIALS = ("access_key", "secret_key", "mlflow_username", "mlflow_password", "mlflow_flask_secret")
 
 
 def stack_services() -> tuple[Service, ...]:
@@ -42,6 +45,7 @@ class LocalStack:
         self.state_file = self.state_dir / "stack.json"
         self.credentials_file = self.state_dir / "credentials.json"
         self.env_file = self.state_dir / "stack.env"
+        self.ray_token_file = self.state_dir / "ray-auth-token"
         self.services = stack_services()
         self.s3, self.tracking, self.ray = self.services
         self.state = self._read_state()
@@ -84,12 +88,17 @@ class LocalStack:
         return ray_temp_dir(self.state_dir)
 
     def public_env(self) -> dict[str, str]:
-        """The environment for jobs and clients, without the S3 keys."""
+        """The environment for jobs and clients, without secrets (the Ray token's file is named)."""
         return {key: value for service in self.services for key, value in service.env(self).items()}
 
     def env(self) -> dict[str, str]:
-        """``public_env()`` plus the S3 keys: what ``stack.env`` exports."""
-        return {**self.public_env(), **key_env(self._credentials())}
+        """``public_env()`` plus the S3 keys and the MLflow user: what ``stack.env`` exports."""
+        credentials = self._credentials()
+        return {**self.public_env(), **key_env(credentials), **self.mlflow_auth(credentials).client_env()}
+
+    def mlflow_auth(self, credentials: dict | None = None) -> MlflowAuth:
+        keys = credentials or self._credentials()
+        return MlflowAuth(keys["mlflow_username"], keys["mlflow_password"], keys["mlflow_flask_secret"])
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self, num_cpus: int | None = None, bucket: str = BUCKET, startup_timeout: float = 180.0) -> "LocalStack":
@@ -103,7 +112,8 @@ class LocalStack:
             if running:   # half a stack (a crash, a killed process): restart it whole
                 self._stop_all()
             self.state.setdefault("bucket", bucket)
-            startup = Startup(self._credentials(create=True), startup_timeout, num_cpus)
+            credentials = self._credentials(create=True)
+            startup = Startup(credentials, self.mlflow_auth(credentials), startup_timeout, num_cpus)
             self.state["ports"] = self._ports()
             self.state["processes"] = {}
             for service in self.services:
@@ -189,20 +199,34 @@ class LocalStack:
         return ports
 
     def _credentials(self, create: bool = False) -> dict:
+        """The stack's secrets (credentials.json, 0600), and its Ray token file (0600); ``create``
+        makes whatever is missing (a stack of an older version gains the MLflow user and token)."""
+        keys = {}
         if self.credentials_file.exists():
             try:
                 keys = json.loads(self.credentials_file.read_text())
-                return {"access_key": keys["access_key"], "secret_key": keys["secret_key"]}
-            except (ValueError, KeyError, TypeError):
-                raise StackError(f"{self.credentials_file}: not a JSON object with access_key and secret_key") from None
-        if not create:
+                keys = {name: str(keys[name]) for name in keys if name in _CREDENTIALS}
+            except (ValueError, TypeError, AttributeError):
+                raise StackError(f"{self.credentials_file}: not a JSON object of the stack's keys") from None
+        elif not create:
             raise StackError(f"{self.credentials_file} not found: run `up` first")
-        keys = {"access_key": "moram" + secrets.token_hex(8), "secret_key": secrets.token_hex(20)}
-        write_private(self.credentials_file, json.dumps(keys) + "\n")
+        missing = [name for name in _CREDENTIALS if name not in keys]
+        if missing and not create:
+            raise StackError(f"{self.credentials_file}: {missing[0]} missing (run `up` to add it)")
+        if missing:
+            mlflow = MlflowAuth.generate()
+            fresh = {"access_key": "moram" + secrets.token_hex(8), "secret_key": secrets.token_hex(20),
+                     "mlflow_username": mlflow.username, "mlflow_password": mlflow.password,
+                     "mlflow_flask_secret": mlflow.flask_secret}
+            keys.update({name: fresh[name] for name in missing})
+            write_private(self.credentials_file, json.dumps(keys) + "\n")
+        if create and not self.ray_token_file.exists():   # Ray reads it by RAY_AUTH_TOKEN_PATH
+            write_private(self.ray_token_file, secrets.token_hex(32))
         return keys
 
     def _write_env_file(self) -> None:
-        lines = [f"# MoRAM local stack in {self.state_dir} (written by `up`; holds S3 keys: keep it 0600)",
+        lines = [f"# MoRAM local stack in {self.state_dir} (written by `up`; holds the S3 keys and the MLflow "
+                 f"password: keep it 0600)",
                  *(f"export {key}={value}" for key, value in self.env().items())]
         write_private(self.env_file, "\n".join(lines) + "\n")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from .mlflow_server import MlflowServer
+from .mlflow_server import MlflowAuth, MlflowServer
 from .processes import HOST, http_ok, log_tail
 from .seaweed import PORT_NAMES as SEAWEED_PORTS
 from .seaweed import REGION, SeaweedServer, free_ports
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from .local import LocalStack
 
 # Variables of the caller's shell that must not leak into the stack's services: the stack sets its own.
-_INHERITED_NOT = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_S3_", "MORAM_REGISTRY_URI", "RAY_ADDRESS",
-                  "RAY_API_SERVER_ADDRESS")
+_INHERITED_NOT = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_S3_", "MLFLOW_AUTH_", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                  "MORAM_REGISTRY_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_")
 
 
 class StackError(RuntimeError):
@@ -40,6 +40,7 @@ class StackError(RuntimeError):
 class Startup:
     """What ``up`` gives every service it starts."""
     keys: dict[str, str]         # the stack's S3 keys: access_key, secret_key
+    mlflow: MlflowAuth           # the MLflow server's user, password and cookie key
     timeout: float               # seconds a service may take to answer
     num_cpus: int | None         # CPUs the Ray head offers (None: all)
 
@@ -127,7 +128,8 @@ class SeaweedFS(Service):
 
 
 class Mlflow(Service):
-    """The MLflow tracking server: sqlite in the state dir, artifacts proxied to the S3 bucket."""
+    """The MLflow tracking server: sqlite in the state dir, artifacts proxied to the S3 bucket,
+    MLflow's basic-auth app in front (the user and password are in ``stack.env``)."""
     name = "mlflow"
 
     def url(self, stack):
@@ -138,7 +140,7 @@ class Mlflow(Service):
 
     def start(self, stack, startup, started):
         server = MlflowServer(stack.state_dir / "mlflow", artifacts=stack.artifacts_uri,
-                              startup_timeout=startup.timeout, port=self.ports(stack))
+                              startup_timeout=startup.timeout, port=self.ports(stack), auth=startup.mlflow)
         s3 = {**stack.s3.s3_env(stack), **key_env(startup.keys), "MLFLOW_S3_ENDPOINT_URL": stack.s3.url(stack)}
         try:
             server.start(env=s3, base_env=base_env())
@@ -149,12 +151,13 @@ class Mlflow(Service):
         server.log.close()   # the server keeps its own handle
 
     def healthy(self, stack):
-        return http_ok(f"{self.url(stack)}/health")
+        return http_ok(f"{self.url(stack)}/health")     # the one path basic-auth leaves open
 
 
 RAY_PORTS = ("gcs", "dashboard", "client_server", "dashboard_agent_http", "dashboard_agent_grpc",
              "metrics_export", "runtime_env_agent", "node_manager", "object_manager")
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_CLIENT_KEYS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")   # where a client finds the head
 
 
 def ray_temp_dir(state_dir: Path) -> Path:
@@ -171,7 +174,12 @@ class RayHead(Service):
     """``ray start --head --block``: the dashboard and job API, and the one node of the cluster.
 
     Its environment is what jobs and their workers inherit: the registry, MLflow and the S3 keys,
-    so no secret travels in a job's runtime env (which the dashboard shows)."""
+    so no secret travels in a job's runtime env (which the dashboard shows).
+
+    Token authentication (RAY_AUTH_MODE=token) guards every Ray entry point: the dashboard, the
+    job API and the GCS refuse a request without the stack's token, which lives in the file
+    ``ray-auth-token`` of the state dir (0600). Clients find it by RAY_AUTH_TOKEN_PATH
+    (``stack.env``); the token itself is in no environment, command line or log."""
     name = "ray"
     port_names = RAY_PORTS
     stop_leader_only = True     # ``ray start --block`` drains the node and stops its own children on SIGTERM
@@ -183,15 +191,16 @@ class RayHead(Service):
         return f"{HOST}:{self.ports(stack)['gcs']}"
 
     def env(self, stack):
-        return {"RAY_ADDRESS": self.address(stack), "RAY_API_SERVER_ADDRESS": self.url(stack)}
+        return {"RAY_ADDRESS": self.address(stack), "RAY_API_SERVER_ADDRESS": self.url(stack),
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(stack.ray_token_file)}
 
     def state(self, stack):
         return {"ray_temp_dir": str(stack.ray_temp_dir)}
 
     def start(self, stack, startup, started):
-        env = {**base_env(), **RAY_ENV, **stack.public_env(), **key_env(startup.keys),
+        env = {**base_env(), **RAY_ENV, **stack.public_env(), **key_env(startup.keys), **startup.mlflow.client_env(),
                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}   # ray-head.log as it happens
-        for key in self.env(stack):   # the head is not a client of itself
+        for key in RAY_CLIENT_KEYS:   # the head is not a client of itself (its token: RAY_AUTH_*)
             env.pop(key)
         stack.ray_temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = stack.state_dir / "ray-head.log"
@@ -202,7 +211,7 @@ class RayHead(Service):
         deadline = time.monotonic() + startup.timeout
         # Ready = the head node is registered and alive (the dashboard answers before the raylet
         # has started, and before a failing `ray start` gives up) and the job API answers.
-        while not (self.healthy(stack) and http_ok(f"{self.url(stack)}/api/jobs/")):
+        while not (self.healthy(stack) and http_ok(f"{self.url(stack)}/api/jobs/", headers=token_header(stack))):
             if process.poll() is not None:
                 raise StackError(f"ray start exited with code {process.returncode}; log {log_path}:\n"
                                  f"{log_tail(log_path)}")
@@ -229,12 +238,21 @@ class RayHead(Service):
 
     def healthy(self, stack):
         """The head node is registered and alive."""
+        request = urllib.request.Request(f"{self.url(stack)}/api/v0/nodes", headers=token_header(stack))
         try:
-            with urllib.request.urlopen(f"{self.url(stack)}/api/v0/nodes", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 nodes = json.loads(response.read())["data"]["result"]["result"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return any(node.get("state") == "ALIVE" for node in nodes)
+
+
+def token_header(stack: "LocalStack") -> dict[str, str]:
+    """The Authorization header Ray's dashboard asks for (Ray's own clients send the same)."""
+    try:
+        return {"Authorization": f"Bearer {stack.ray_token_file.read_text().strip()}"}
+    except OSError:
+        return {}
 
 
 def base_env() -> dict[str, str]:
