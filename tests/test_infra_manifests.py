@@ -258,7 +258,7 @@ def test_dockerfile_pins_torch_first_then_the_project_with_constraints():
     assert instructions[0][0] == "ARG" and "nvidia/cuda:" in instructions[0][1]
     runs = [arg for op, arg in instructions if op == "RUN"]
     torch_step = next(i for i, run in enumerate(runs) if "pip install torch==" in run)
-    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install -c \S+ -c \S+ /app\b", run))
+    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install -c \S+ -c \S+ '/app\[platform\]'", run))
     assert torch_step < project_step
     pins = dict(line.split("==") for line in (PROJECT_ROOT / ".ci" / "constraints.txt").read_text().split())
     assert f"torch=={pins['torch']}" in runs[torch_step] and f"torchvision=={pins['torchvision']}" in runs[torch_step]
