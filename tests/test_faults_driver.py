@@ -30,6 +30,12 @@ STEPS = 12   # 48 examples / batch 4, a checkpoint after every step: a wide wind
 setup_started = [time.time()]   # when this module's first job started (Ray sessions after it are ours)
 
 
+def recorded(registry, run: str, name: str) -> dict[str, bytes]:
+    """The bytes of every task record of one version's evaluation (<version>-<profile>/<task>.json)."""
+    prefix = f"{run}/evaluations/{name}"
+    return {task: registry.storage.read(f"{prefix}/{task}") for task in registry.storage.children(prefix)}
+
+
 def write_config(folder: Path, tiny_lm_dir, trace_root, mlflow_server, name: str) -> Path:
     config = tiny_trace_job(folder, tiny_lm_dir, trace_root, TASKS, mlflow_server.uri, f"faults-{name}")
     config["data"]["max_train_examples"] = 4 * STEPS
@@ -152,14 +158,14 @@ def test_a_second_driver_is_refused_and_a_killed_driver_resumes_its_task_from_th
     manifest_1 = registry.storage.read(manifest_key(run, 1))
     records = registry.storage.children(f"{run}/evaluations")
     assert len(records) == 1                                  # version 1 was evaluated before task 2 began
-    record_1 = registry.storage.read(f"{run}/evaluations/{records[0]}")
+    record_1 = recorded(registry, run, records[0])
 
     finish(job(config, run), log)                             # the same command again
 
     assert registry.versions(run) == [1, 2]
     registry.verify(run, 2)
     assert registry.storage.read(manifest_key(run, 1)) == manifest_1                    # task 1 not retrained
-    assert registry.storage.read(f"{run}/evaluations/{records[0]}") == record_1          # nor re-evaluated
+    assert recorded(registry, run, records[0]) == record_1          # nor re-evaluated
     version_2 = registry.version(run, 2)
     assert 1 <= version_2.metrics["resumed_from_step"] < STEPS     # task 2 went on from its checkpoint
     assert version_2.metrics["train_steps"] == STEPS
@@ -205,7 +211,7 @@ def test_a_driver_killed_inside_a_commit_leaves_no_partial_version_and_the_rerun
     manifest_1 = registry.storage.read(manifest_key(run, 1))
     records = registry.storage.children(f"{run}/evaluations")
     assert len(records) == 1
-    record_1 = registry.storage.read(f"{run}/evaluations/{records[0]}")
+    record_1 = recorded(registry, run, records[0])
 
     # -- 2: the rerun resumes task 2 from its checkpoint, creates the manifest and is killed -------
     killed_in_commit(job(config, run), log, "kill-after-manifest@2")
@@ -220,7 +226,7 @@ def test_a_driver_killed_inside_a_commit_leaves_no_partial_version_and_the_rerun
     assert registry.versions(run) == [1, 2]                            # no duplicate version
     assert registry.storage.read(manifest_key(run, 1)) == manifest_1
     assert registry.storage.read(manifest_key(run, 2)) == manifest_2   # not committed again
-    assert registry.storage.read(f"{run}/evaluations/{records[0]}") == record_1   # not recomputed
+    assert recorded(registry, run, records[0]) == record_1   # not recomputed
     assert len(registry.storage.children(f"{run}/evaluations")) == 2
     assert 1 <= registry.version(run, 2).metrics["resumed_from_step"] <= STEPS
     assert_same_atoms(atoms(registry, run, 1), atoms(registry, reference, 1))

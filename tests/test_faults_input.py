@@ -63,7 +63,8 @@ JOB_KEYS = {
     "train.checkpoint_every_steps": POSITIVE_INT,
     # eval
     "eval.profile": CHOICE, "eval.max_new_tokens": POSITIVE_INT, "eval.batch_size": POSITIVE_INT,
-    "eval.baseline": BOOL,
+    "eval.baseline": [v for v in BOOL if v != "null"],   # null: the schedule decides (only full has FWT)
+    "eval.schedule": CHOICE + ["diagonal"], "eval.evaluator": CHOICE, "eval.share_prefix": BOOL,
     # scaling
     "scaling.num_workers": POSITIVE_INT, "scaling.use_gpu": BOOL, "scaling.cpus_per_worker": POSITIVE_REAL,
     "scaling.gpus_per_worker": NON_NEGATIVE_REAL, "scaling.max_failures": ["-2", "1.5", "abc", "[]"],

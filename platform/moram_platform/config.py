@@ -164,6 +164,9 @@ class EvalSection(Section):
                             "moram_platform.schedule")
     baseline: Bool | None = Field(None, description="also evaluate the base model (version 0): the zero-shot "
                                                     "row, for FWT; null: only with eval.schedule full")
+    share_prefix: Bool = Field(True, description="generation runs a batch's common prompt start once and shares its "
+                                                 "KV cache (the same answers; not under profiles that ban "
+                                                 "repeated n-grams); false: plain left padding")
     evaluator: Annotated[Str, one_of("auto", "actor", "task")] = Field(
         "auto", description="actor: one long-lived Ray actor per sequence loads the base model once and swaps "
                             "each version's atoms in; task: a fresh Ray task (process and model load) per "

@@ -13,6 +13,7 @@ what the δ stage of a sweep uses: evaluation-only, no new atom.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -170,4 +171,16 @@ def evaluator_actor(config: JobConfig, run_id: str):
     return actor_class.options(
         name=f"moram-evaluator-{run_id}", num_cpus=0, max_restarts=3, max_task_retries=3,
         scheduling_strategy="DEFAULT",   # outside a Tune trial's placement group, like the workers
-    ).remote(config.to_dict(), config.registry_uri(), run_id, max(1, int(config.scaling.cpus_per_worker)))
+    ).remote(config.to_dict(), config.registry_uri(), run_id, math.ceil(config.scaling.cpus_per_worker))
+
+
+def prepare_for_evaluation(model, config: JobConfig) -> None:
+    """What the evaluated model carries besides its version's atoms (call it after load_shards):
+    with ``moram.route_untrained``, the next task's fresh block (B = 0, seeded as that task's own)
+    taking part in routing, as in every checkpoint the official TRACE code evaluates
+    (``MoRAMModel.open_untrained_block``; docs/parity.md, row M3); otherwise nothing. Only methods
+    that route (MoRAM, MoE-LoRA) get it: in the others a B = 0 block changes no output."""
+    from .routing_diagnostics import routes
+
+    if config.moram_config.route_untrained and routes(model.method):
+        model.open_untrained_block()

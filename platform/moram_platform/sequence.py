@@ -52,6 +52,11 @@ class SequenceResult:
     mlflow_run_id: str
     mlflow_url: str
     trained: list[str] = field(default_factory=list)   # tasks trained by this call (not resumed)
+    # Wall seconds of this call by phase (bench/sequence_bench.py): "start" (Ray, MLflow, the run
+    # actor), then per task "train" (the Ray Train fit: worker group start/stop, model, engine,
+    # steps, the commit), "train_steps" (the chief's train_task, as it measured it), "evaluate",
+    # "log" (MLflow: metrics, shard, plots).
+    timings: dict[str, list[float]] = field(default_factory=dict)
 
     def table(self) -> str:
         width = max(len(t) for t in self.tasks) + 2
@@ -120,6 +125,15 @@ def run_sequence(config: JobConfig, *, stop_after: int | None = None, parent_mlf
 
 def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Registry, stop_after: int | None,
            parent_mlflow_run: str | None, on_task_done, progress: bool) -> SequenceResult:
+    timings: dict[str, list[float]] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings.setdefault(phase, []).append(round(now - clock, 3))
+        clock = now
+
     model_ref = benchmark.model_ref(config)
 
     start_ray()
@@ -144,21 +158,27 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
     matrix: list[list[float | None]] = []
     versions: list[int] = []
     trained: list[str] = []
+    lap("start")
     try:
         baseline = scores.row(0, tasks) if baseline_wanted(config.eval.schedule, config.eval.baseline) else None
+        lap("evaluate")
         for index, task in enumerate(tasks):
             child, finished = tracker.task_run(index, task, params, tags)
             version = _committed(actor, index + 1)      # the run's registry actor: storage's view
             if version is None:
                 trained.append(task)
                 version = _train(config, run_id, index, model_ref, progress)
+                timings.setdefault("train_steps", []).append(float(version.metrics.get("train_wall_s", 0.0)))
+            lap("train")
             row = scores.row(version.version, tasks_after(config.eval.schedule, tasks, index))
+            lap("evaluate")
             matrix.append(row)
             versions.append(version.version)
             if not finished:
                 _log_task(tracker, child, config, registry, run_id, version, row)
             _log_matrix(tracker, parent, tasks, matrix, baseline)
             _log_progress(tracker, parent, config, benchmark, run_id, matrix, baseline, tags)
+            lap("log")
             if on_task_done is not None:
                 on_task_done(index, matrix, baseline)
             if stop_after is not None and index + 1 >= stop_after:
@@ -173,7 +193,7 @@ def _drive(config: JobConfig, benchmark: Benchmark, run_id: str, registry: Regis
         tracker.set_tags(parent, {"moram.version": str(versions[-1])})
     tracker.finish(parent, status="FINISHED" if len(matrix) == len(tasks) else "KILLED")
     return SequenceResult(run_id, tasks, matrix, baseline, summary, versions, registry.uri, parent,
-                          tracker.ui_url(parent), trained)
+                          tracker.ui_url(parent), trained, timings)
 
 
 # -- steps ---------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ class TraceBenchmark:
                               max_examples=config.data.max_eval_examples)
         return evaluate_task(model, processor, examples, task, self.eval_profile(config),
                              max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                             tokenization=_tokenization(config), seed=config.run.seed, progress=progress)
+                             tokenization=_tokenization(config), seed=config.run.seed, progress=progress,
+                             share_prefix=config.eval.share_prefix)
 
 
 def _tokenization(config: JobConfig) -> TokenizationConfig:

@@ -229,7 +229,7 @@ def _prefix_cache(model, prefix: Sequence[int], rows: int, device: torch.device)
 def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[str, str]], task: str,
                   profile: str | EvaluationProfile, *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
                   tokenization: TokenizationConfig = TokenizationConfig(), seed: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, share_prefix: bool = True) -> dict[str, Any]:
     """``{"task", "metric", "score" (0-100), "profile", "n"}`` for ``model`` on ``examples``."""
     if task not in TASK_METRIC:
         raise ValueError(f"task: no TRACE metric for {task!r}; known tasks: {', '.join(TASK_METRIC)}")
@@ -238,7 +238,8 @@ def evaluate_task(model, tokenizer, examples: Sequence[TraceExample | Mapping[st
     profile = get_profile(profile)
     prompts = [_prompt_of(e) for e in examples]
     predictions = generate_answers(model, tokenizer, prompts, profile, task=task, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, tokenization=tokenization, seed=seed, progress=progress)
+                                   batch_size=batch_size, tokenization=tokenization, seed=seed, progress=progress,
+                                   share_prefix=share_prefix)
     # SARI's source is the prompt, as in TRACE's 20Minuten evaluation.
     score = score_task(task, predictions, [_answer_of(e) for e in examples], sources=prompts,
                        scoring=profile.scoring)
