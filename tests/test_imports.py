@@ -153,7 +153,6 @@ def test_no_import_circles():
     assert not circles, "import circles:\n" + "\n".join(circles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23 item 3 moves the last named imports behind the protocol")
 def test_benchmark_packages_are_imported_only_by_themselves_and_the_table():
     found = []
     for module, path in SOURCES.items():

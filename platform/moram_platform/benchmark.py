@@ -54,6 +54,16 @@ class Benchmark(Protocol):
                 tasks: list[str]) -> dict[str, float]:
         """The sequence's metrics (DESIGN.md, Metrics) under names that say which variant each is."""
 
+    # -- what reports, comparisons and the moram command need (report.py, runs.py, cli/) --------------
+    summary_columns: tuple[str, ...]   # the names ``summary`` reports, in the order a table shows them
+    eval_profiles: tuple[str, ...]     # the evaluation profiles it defines, its default first
+    data_error: type[ValueError]       # what its data checks raise (a bad task folder, file or row)
+
+    @classmethod
+    def paper_setting(cls, tasks: list[str]) -> str | None:
+        """The setting of the paper anchors (data/paper_anchors.csv) a task list belongs to, if
+        any: published numbers are comparable only there."""
+
     # -- data and model -------------------------------------------------------------------------
     def validate(self, config: JobConfig) -> None:
         """Check every task and data file up front; raise a clear error naming what is wrong."""
@@ -107,6 +117,17 @@ def section_model(name: str) -> type | None:
     """The model of benchmark ``name``'s own config section (named after it), if it has one."""
     entry = _entry(name)
     return _import(entry.section) if entry.section else None
+
+
+def paper_setting(tasks: list[str], benchmark: str | None = None) -> str | None:
+    """The paper setting of ``tasks`` under ``benchmark`` (None: the first benchmark that has one)."""
+    names = [benchmark] if benchmark else list(BENCHMARKS)
+    return next((found for name in names if (found := benchmark_class(name).paper_setting(list(tasks)))), None)
+
+
+def summary_columns(benchmarks: Iterable[str]) -> list[str]:
+    """The summary columns of ``benchmarks``, each benchmark's in its own order, once each."""
+    return list(dict.fromkeys(column for name in benchmarks for column in benchmark_class(name).summary_columns))
 
 
 def summary_from(values: dict[str, float], names: dict[str, str]) -> dict[str, float]:

@@ -24,9 +24,9 @@ from moram import load_causal_lm, model_fingerprint, smollm2_path
 from moram.loading import resolve_model_source
 from moram.pretrained import PretrainedMemory, check_base_model, from_pretrained, load_memory
 
+from .causal_lm import DTYPES, SMOLLM2, SMOLLM2_ID, model_cache_dir
 from .registry import Registry, Version, VersionNotFoundError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class GenerationError(ValueError):
@@ -89,8 +89,6 @@ def memory_source(source: RegistrySpec | PretrainedMemory | str | os.PathLike):
 def base_model_path(memory: PretrainedMemory, override: str | os.PathLike | None = None) -> Path:
     """The base model to load: ``override`` if given, else the memory's recorded id when that
     is a local model or the packaged SmolLM2; its fingerprint must match the recorded revision."""
-    from .trace.benchmark import SMOLLM2, SMOLLM2_ID
-
     source = str(override) if override is not None else memory.base_model_id
     if source in (SMOLLM2, SMOLLM2_ID):
         path = smollm2_path()
@@ -124,10 +122,7 @@ def load_memory_model(source: RegistrySpec | PretrainedMemory | str | os.PathLik
 
 
 def _model_cache() -> Path:
-    from .config import load_config
-    from .trace.benchmark import model_cache_dir
-
-    return model_cache_dir(load_config())  # the jobs' default: one dequantised copy for everybody
+    return model_cache_dir()   # the jobs' default: one dequantised copy for everybody
 
 
 # -- prompts in, answers out -----------------------------------------------------------------

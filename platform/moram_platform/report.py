@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from .benchmark import paper_setting
 from .runs import CompareError, compare_runs
 from .tracking import AXES_TAG, KIND_TAG, LABEL_TAG_PREFIX, STUDY_TAG
 
@@ -39,9 +40,6 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 HEADERS = {"OP": "OP (= AA)"}   # the standard-CL papers call the same number average accuracy (AA)
 # Grid keys that a method's mean is taken over, never grouped by.
 REPEAT_KEYS = ("run.seed", "data.tasks", "run.name")
-STANDARD_CL_4 = frozenset({"dbpedia", "amazon", "yahoo", "agnews"})
-STANDARD_CL_15 = frozenset({"MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon", "SST-2",
-                            "dbpedia", "agnews", "MultiRC", "yahoo"})
 
 
 class ReportError(CompareError):
@@ -57,6 +55,7 @@ class RunRecord:
     matrix: list[list[float]] | None
     routing: list[list[float]] | None = None
     model: str = ""          # the base model's id (the sequence's moram.model tag)
+    benchmark: str | None = None   # the sequence's moram.benchmark tag (None: whichever knows its tasks)
 
 
 @dataclass
@@ -203,21 +202,10 @@ def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
     return [row for row in csv.DictReader(io.StringIO(text)) if not row["setting"].startswith("#")]
 
 
-def setting_of(tasks: Sequence[str]) -> str | None:
-    """The paper setting a task list belongs to (its numbers are comparable only there)."""
-    from .trace.benchmark import TRACE_500_ORDER
-    from .xtail.data import XTAIL_DOMAINS
-
-    names = frozenset(tasks)
-    if names == STANDARD_CL_4:
-        return "standard-cl-4"
-    if names == STANDARD_CL_15:
-        return "standard-cl-15"
-    if names == frozenset(TRACE_500_ORDER):
-        return "trace-8"
-    if names == frozenset(XTAIL_DOMAINS):
-        return "xtail-10"
-    return None
+def setting_of(tasks: Sequence[str], benchmark: str | None = None) -> str | None:
+    """The paper setting a task list belongs to (its numbers are comparable only there); each
+    benchmark says which of its task lists are one (``Benchmark.paper_setting``)."""
+    return paper_setting(list(tasks), benchmark)
 
 
 def same_model(anchor_model: str, run_model: str) -> bool:
@@ -231,7 +219,7 @@ def same_model(anchor_model: str, run_model: str) -> bool:
 
 
 def _paper_numbers(anchors: list[dict[str, str]], group: str, members: list[RunRecord]) -> dict[str, tuple]:
-    settings = {setting_of(m.tasks) for m in members}
+    settings = {setting_of(m.tasks, m.benchmark) for m in members}
     methods = {m.metrics.get("_method") for m in members} | {group}
     if len(settings) != 1 or None in settings:
         return {}
@@ -286,7 +274,8 @@ def _report(client, rows: list[dict[str, Any]], group_keys: list[str], title: st
         tasks = tags.get("moram.order", "").split(",")
         matrix = _artifact_matrix(client, row["mlflow_run_id"], "accuracy_matrix.csv")
         routing = _artifact_matrix(client, row["mlflow_run_id"], "routing/final_all.csv")
-        records.append(RunRecord(row["run"], group, tasks, metrics, matrix, routing, model=row.get("model", "")))
+        records.append(RunRecord(row["run"], group, tasks, metrics, matrix, routing, model=row.get("model", ""),
+                                 benchmark=tags.get("moram.benchmark")))
     if not records:
         raise ReportError(f"{title}: no finished sequence to report" +
                           (f" (not finished: {', '.join(incomplete)})" if incomplete else ""))

@@ -12,9 +12,11 @@ import csv
 import io
 from typing import Any, Sequence
 
+from .benchmark import summary_columns
 from .tracking import KIND_TAG, RUN_ID_TAG, redact
 
-ROW_KEYS = ("run", "method", "model", "status", "mlflow_run_id")
+ROW_KEYS = ("run", "method", "model", "status", "mlflow_run_id", "benchmark")
+SHOWN_KEYS = ROW_KEYS[:4]                  # the table's first columns; the metrics follow
 
 
 class CompareError(ValueError):
@@ -43,6 +45,7 @@ def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None 
         rows.setdefault(name, {   # the first parent run of a run id is the one the driver resumes
             "run": name, "method": tags.get("moram.method", ""), "model": tags.get("moram.model", ""),
             "status": run.info.status, "mlflow_run_id": run.info.run_id,
+            "benchmark": tags.get("moram.benchmark", "trace"),   # older sequences: TRACE's were the only ones
             **{metric: value for metric, value in metrics.items() if "/" not in metric},
         })
     if runs is None:
@@ -55,16 +58,16 @@ def compare_runs(tracking_uri: str, experiment: str, runs: Sequence[str] | None 
 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The metrics any row has: TRACE's summary in the driver's order first, then the rest by name."""
-    from .trace.benchmark import SUMMARY as TRACE_SUMMARY
-
+    """The metrics any row has: the summary columns of the rows' benchmarks in their order first
+    (``Benchmark.summary_columns``), then the rest by name."""
     present = {key for row in rows for key in row if key not in ROW_KEYS}
-    first = [name for name in TRACE_SUMMARY.values() if name in present]
+    first = [name for name in summary_columns(dict.fromkeys(row.get("benchmark", "trace") for row in rows))
+             if name in present]
     return first + sorted(present - set(first))
 
 
 def format_table(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
-    columns = list(ROW_KEYS[:-1]) + metric_columns(rows)
+    columns = list(SHOWN_KEYS) + metric_columns(rows)
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     if fmt == "csv":
         out = io.StringIO()

