@@ -45,7 +45,7 @@ def test_the_zero_shot_row_only_where_fwt_can_be_computed_unless_asked():
 def test_the_cheapest_schedule_for_the_metrics_asked():
     assert cheapest_for(["OP", "BWT_eq10", "own_routing"]) == "final"
     assert cheapest_for(["OP", "FWT"]) == "full"
-    with pytest.raises(ValueError, match=r"^eval.schedule: 'final' cannot compute FWT, which the study's metrics"):
+    with pytest.raises(ValueError, match=r"^eval.schedule: 'final' cannot compute FWT, needed by the study's metrics"):
         check_gives("final", ["OP", "FWT"], "the study's metrics")
 
 
@@ -216,3 +216,23 @@ def test_an_evaluator_actor_killed_mid_version_is_restarted_and_scores_only_what
     reference = config_from_dict(raw)
     clean = run_sequence(reference, stop_after=1, progress=False)
     assert read_evaluation(Registry(reference.registry_uri()), clean.run_id, 1, "moram-repo")["scores"] == after
+
+
+def test_a_study_or_sweep_whose_schedule_cannot_give_its_metrics_is_refused_before_ray():
+    from fixtures.paths import PROJECT_ROOT
+    from moram_platform.tune.space import SpaceError
+    from moram_platform.tune.study import StudyError, base_raw, study_from_dict
+    from moram_platform.tune.sweep import _with_schedule
+
+    base = str(PROJECT_ROOT / "jobs/configs/standard-cl/smollm2-135m_moram_order1-cpu.yaml")
+    cheap = study_from_dict({"base_config": base, "grid": {"run.seed": [0]}})
+    assert base_raw(cheap)["eval"]["schedule"] == "final"             # the default metrics need no more
+    with_fwt = study_from_dict({"base_config": base, "grid": {"run.seed": [0]}, "metrics": ["OP", "FWT"]})
+    assert base_raw(with_fwt)["eval"]["schedule"] == "full"
+    contradicting = study_from_dict({"base_config": base, "grid": {"run.seed": [0]}, "metrics": ["FWT"],
+                                     "overrides": {"eval.schedule": "seen"}})
+    with pytest.raises(StudyError, match=r"^eval.schedule: 'seen' cannot compute FWT, needed by the study's metrics; use 'full'$"):
+        base_raw(contradicting)
+    assert _with_schedule({"eval": {}})["eval"]["schedule"] == "seen"   # Tune's scheduler needs every row
+    with pytest.raises(SpaceError, match=r"^eval.schedule: 'final' gives no objective after each task"):
+        _with_schedule({"eval": {"schedule": "final"}})

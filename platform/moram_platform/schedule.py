@@ -57,5 +57,5 @@ def check_gives(schedule: str, metrics: list[str] | tuple[str, ...], wanted_by: 
     """A ValueError naming ``eval.schedule`` when ``wanted_by`` asks for a metric it cannot compute."""
     missing = [m for m in metrics if not gives(schedule, m)]
     if missing:
-        raise ValueError(f"eval.schedule: {schedule!r} cannot compute {', '.join(missing)}, which {wanted_by} "
-                         f"asks for; use {cheapest_for(metrics)!r}")
+        raise ValueError(f"eval.schedule: {schedule!r} cannot compute {', '.join(missing)}, needed by {wanted_by}; "
+                         f"use {cheapest_for(metrics)!r}")
