@@ -33,6 +33,9 @@ class VersionEvaluator:
     def __init__(self, config: JobConfig, benchmark: Benchmark | None = None, device: str | torch.device = "cpu"):
         self.config = config
         self.benchmark = benchmark or get_benchmark(config.benchmark)
+        # A benchmark instance may cache what the model computed (X-TAIL: the class names' text
+        # features, through the text encoder's atoms): each loaded version gets a fresh one.
+        self._own_benchmark = benchmark is None
         self.device = torch.device(device)
         seed_everything(config.run.seed)
         self.model, self.processor = build_moram_model(config, self.benchmark, [], self.device)
@@ -45,6 +48,9 @@ class VersionEvaluator:
         """The model that ``shards`` stand for (all earlier atoms dropped), with the config's δ
         unless ``delta`` gives another view."""
         self.model.load_shards(shards, prune_mass=prune_mass)
+        if self._own_benchmark:
+            self.benchmark = get_benchmark(self.config.benchmark)
+        prepare_for_evaluation(self.model, self.config)
         self.model.to(self.device)
         self.model.set_routing(delta=self.config.moram_config.delta if delta is None else delta)
         self.model.eval()
@@ -164,7 +170,8 @@ def evaluator_actor(config: JobConfig, run_id: str):
     It holds no logical CPU: the sequence driver trains and evaluates in turn, so its evaluator
     never computes while the run's Ray Train workers hold their CPUs, and reserving them for the
     whole sequence would leave the workers unschedulable on a small machine; it uses the
-    workers' CPU count as threads. Ray restarts it when it dies and retries the call."""
+    workers' CPU count, rounded up, as threads (1.9 CPUs beside a 0.1-CPU trial: both cores).
+    Ray restarts it when it dies and retries the call."""
     import ray
 
     actor_class = ray.remote(EvaluatorActor)

@@ -221,9 +221,11 @@ class _TextCache:
 
 
 def _state_of(model: nn.Module) -> list:
-    """Everything text features depend on: each parameter (the same object, storage and in-place
-    version) and the routing knobs (k, τ, δ) of every MoRAM layer."""
-    parameters = [(weakref.ref(p), p.data_ptr(), p._version) for p in model.parameters()]
+    """Everything text features depend on: each parameter and buffer (the same object, storage and
+    in-place version: a frozen bank is a buffer, replaced when other shards are loaded) and the
+    routing knobs (k, τ, δ) of every MoRAM layer."""
+    tensors = [*model.parameters(), *model.buffers()]
+    parameters = [(weakref.ref(p), p.data_ptr(), p._version) for p in tensors]
     routing = [(m.k, m.tau, m.delta) for m in model.modules() if all(hasattr(m, a) for a in ("k", "tau", "delta"))]
     return [parameters, routing]
 
