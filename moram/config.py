@@ -50,7 +50,7 @@ class MoRAMConfig(pydantic.BaseModel):
     frozen_scale: Literal["baked", "official"] = Field(
         "baked", description="baked: alpha/r is baked into B at freeze; official: B is frozen unscaled as in the official code (frozen atoms weigh r/alpha as much).")
     route_untrained: bool = Field(
-        False, description="Route a task's fresh, never-trained block from the start, as the official code does.")
+        False, description="Evaluate as the official TRACE code does: the evaluated model carries the next task's fresh, never-trained block (B = 0), which takes part in routing (MoRAM, MoE-LoRA; docs/parity.md, M3).")
     fast_path: Literal["auto", "off"] = Field(
         "auto", description="auto: the measured fast layer (frozen bank and trainable block apart, no weight concatenation; MoRAM routes in compact form, Triton on CUDA, and reads only the kept values once R >= 8 k_eff); off: the equations as written (docs/performance.md).")
     olora_lambda1: float = Field(0.5, description="O-LoRA: weight of the L1 orthogonality loss |A_old · A_newᵀ| (official default 0.5).")

@@ -67,6 +67,7 @@ class MoRAMModel(nn.Module):
         self.method = method_for(config.method)
         self.task_names: list[str] = []
         self._open_task: str | None = None
+        self._untrained_block = False        # open_untrained_block(): an evaluation-only block
         if _wants_split_attention(model, config):
             split_multihead_attention(model)
         for parameter in model.parameters():  # after the split: its new projections are base too
@@ -121,6 +122,7 @@ class MoRAMModel(nn.Module):
         """Add r fresh atoms per layer; only these are trainable until end_task()."""
         if self._open_task is not None:
             raise RuntimeError(f"begin_task(): task {self._open_task!r} is still open; call end_task() first")
+        self.close_untrained_block()
         name = name or f"task-{self.num_tasks}"
         for layer in self.moram_layers.values():
             layer.begin_task(self.num_tasks)
@@ -141,6 +143,40 @@ class MoRAMModel(nn.Module):
         self.task_names.append(self._open_task)
         self._open_task = None
         return report
+
+    @torch.no_grad()
+    def open_untrained_block(self) -> None:
+        """Give every layer the next task's fresh block, for evaluation only: r atoms as the
+        method makes them (A kaiming-uniform, a=√5, seeded exactly as task ``num_tasks``'s training
+        would seed it; B = 0), never trained. With ``route_untrained`` it takes part in routing
+        (top-k, softmax, δ) while adding nothing: the model that the official TRACE code
+        evaluates, whose every checkpoint is saved right after ``increment_task`` re-initialised
+        the new block (Artificer-AI-Lab/MoRAM TRACE/model/Regular/MoRAM.py:81-97,
+        utils/my_peft/tuners/moram.py:88-89; ``loranew_*`` saved, utils/my_peft/utils/
+        save_and_load.py:94) and whose forward routes over old and new keys together
+        (tuners/moram.py:110-129). load_shards(), begin_task() and close_untrained_block() drop it.
+        """
+        if self._open_task is not None:
+            raise RuntimeError(f"open_untrained_block(): task {self._open_task!r} is open; end it first")
+        if self.method.shard_mode != "append":
+            raise ValueError(f"open_untrained_block(): {self.moram_config.method} trains one block for all "
+                             "tasks; it has no next task's fresh block")
+        self.close_untrained_block()
+        for layer in self.moram_layers.values():
+            layer.begin_task(self.num_tasks)
+            for parameter in (layer.A, layer.B, layer.router):
+                if parameter is not None:
+                    parameter.requires_grad_(False)
+        self._untrained_block = True
+
+    def close_untrained_block(self) -> None:
+        """Drop the block open_untrained_block() opened (nothing if none is open)."""
+        if not self._untrained_block:
+            return
+        for layer in self.moram_layers.values():
+            layer.A = layer.B = layer.router = None
+            layer.current_trained = False
+        self._untrained_block = False
 
     def set_routing(self, k: int | None = None, tau: float | None = None, delta: float | None = None) -> None:
         """Change k, τ or δ of every layer in place (δ acts in eval mode only)."""
@@ -296,6 +332,7 @@ class MoRAMModel(nn.Module):
         cut to the smallest set covering that share of their recorded activation mass."""
         if self._open_task is not None:
             raise RuntimeError("load_shards(): a task is open; end it first")
+        self.close_untrained_block()
         parsed = [s if isinstance(s, Shard) else read_shard(s) for s in shards]
         for shard in parsed:
             self._check_compatible(shard)

@@ -193,6 +193,44 @@ def test_route_untrained_routes_a_fresh_block(route_untrained):
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("route_untrained", [False, True])
+def test_an_untrained_block_opened_for_evaluation_routes_only_with_route_untrained(route_untrained):
+    """open_untrained_block(): the next task's fresh atoms (as its training would draw them, B = 0)
+    on a loaded version; with route_untrained they take routing mass (and so change the output,
+    though they add nothing themselves), without it the model is the loaded version exactly."""
+    _, shards, ids = train_tasks("moram", tasks=1)
+    plain = get_moram_model(tiny_llama(), MoRAMConfig(r=4, k=3, tau=0.1)).eval()
+    plain.load_shards(shards)
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=4, k=3, tau=0.1, route_untrained=route_untrained)).eval()
+    model.load_shards(shards)
+    model.open_untrained_block()
+    nxt = get_moram_model(tiny_llama(), MoRAMConfig(r=4, k=3, tau=0.1))
+    nxt.load_shards(shards)
+    nxt.begin_task("task-1")                         # what training the next task would start from
+    for name, layer in model.moram_layers.items():
+        torch.testing.assert_close(layer.A, nxt.moram_layers[name].A, rtol=0, atol=0)
+        assert not layer.B.any() and not layer.A.requires_grad
+        assert layer.num_routed == layer.num_frozen + (4 if route_untrained else 0)
+    with torch.no_grad(), model.collect_activation_stats():
+        logits = model(input_ids=ids).logits
+    on_block = sum(float(mass[layer.num_frozen:].sum()) for mass, layer in
+                   zip(model.activation_stats().values(), model.moram_layers.values()))
+    with torch.no_grad():
+        reference = plain(input_ids=ids).logits
+    if route_untrained:
+        assert on_block > 0 and not torch.allclose(logits, reference)
+    else:
+        assert on_block == 0
+        torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    model.load_shards(shards)                        # the next version drops it
+    assert all(layer.num_current == 0 for layer in model.moram_layers.values())
+
+
+def test_seqlora_has_no_untrained_block_to_open():
+    model, _, _ = train_tasks("seqlora", tasks=1)
+    with pytest.raises(ValueError, match="seqlora trains one block for all tasks"):
+        model.open_untrained_block()
+
 # -- O-LoRA ------------------------------------------------------------------------------------------
 def test_olora_loss_by_hand():
     layer = layer_for("olora", d_in=2, d_out=2, r=1, olora_lambda1=0.5, olora_lambda2=0.25)

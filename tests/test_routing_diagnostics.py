@@ -113,3 +113,41 @@ def test_training_blocks_are_the_older_tasks_kept_atoms_then_the_tasks_own():
     _, shards = hand_set_model()
     assert training_blocks(shards) == {"proj": [2, 2]}
     assert training_blocks(shards[:1]) == {"proj": [2]}
+
+
+def test_routing_row_gives_atoms_past_the_task_blocks_their_own_column():
+    # 5 atoms routed, the tasks hold 2 + 1: the last 2 (an untrained block) are a third column.
+    row = routing_row({"layers.0.q_proj": torch.tensor([1.0, 2.0, 3.0, 0.5, 1.5])}, {"layers.0.q_proj": [2, 1]})
+    assert row["all"] == pytest.approx([3 / 8, 3 / 8, 2 / 8])
+
+
+@pytest.mark.parametrize("route_untrained", [False, True])
+def test_the_evaluated_model_routes_over_the_next_tasks_fresh_block_only_with_route_untrained(
+        tmp_path, tiny_lm_dir, trace_root, route_untrained):
+    """The evaluation pipeline (VersionEvaluator.load -> prepare_for_evaluation): with
+    moram.route_untrained the scored model carries r more routed atoms, B = 0, and the task's
+    routing record gives them a nonzero share; without it, the version's atoms only."""
+    from fixtures.tiny_lm import tiny_trace_job
+    from moram_platform.config import config_from_dict
+    from moram_platform.evaluation import VersionEvaluator
+
+    raw = tiny_trace_job(tmp_path, tiny_lm_dir, trace_root, ["SST-2"], "sqlite:///unused.db", "unused")
+    raw["moram"].update(route_untrained=route_untrained, prune_mass=None)
+    config = config_from_dict(raw)
+    evaluator = VersionEvaluator(config)
+    model, r = evaluator.model, config.moram_config.r
+    model.begin_task("SST-2")                        # a version by hand: one task's atoms, B nonzero
+    with torch.no_grad():
+        for layer in model.moram_layers.values():
+            layer.B.normal_()
+            layer.current_trained = True
+    model.end_task()
+    evaluator.load([model.export_shard()])
+    for layer in model.moram_layers.values():
+        assert (layer.num_frozen, layer.num_routed) == (r, 2 * r if route_untrained else r)
+    share = evaluator.score(["SST-2"], progress=False)["SST-2"]["routing"]["all"]
+    if route_untrained:
+        assert len(share) == 2 and share[1] > 0
+        assert not any(layer.B.any() for layer in model.moram_layers.values())
+    else:
+        assert share == pytest.approx([1.0])

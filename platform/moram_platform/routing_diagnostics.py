@@ -73,18 +73,24 @@ def layer_group(name: str) -> str:
 
 
 def routing_row(mass: dict[str, torch.Tensor], blocks: dict[str, list[int]]) -> dict[str, list[float]]:
-    """Per layer group (and ``all``), the share of the summed routing mass on each task's atoms."""
+    """Per layer group (and ``all``), the share of the summed routing mass on each task's atoms;
+    where the model routed atoms past the tasks' blocks (the untrained block that
+    ``route_untrained`` routes at evaluation, MoRAMModel.open_untrained_block), one more column,
+    their share."""
     tasks = max(len(b) for b in blocks.values())
+    untrained = any(mass.get(name, torch.zeros(0)).numel() > sum(counts) for name, counts in blocks.items())
     totals: dict[str, torch.Tensor] = {}
     for name, counts in blocks.items():
         layer_mass = mass.get(name, torch.zeros(0)).float()
-        per_task = torch.zeros(tasks)
+        per_task = torch.zeros(tasks + untrained)
         start = 0
         for t, count in enumerate(counts):
             per_task[t] = layer_mass[start: start + count].sum()
             start += count
+        if untrained:
+            per_task[tasks] = layer_mass[start:].sum()
         for group in (layer_group(name), ALL):
-            totals[group] = totals.get(group, torch.zeros(tasks)) + per_task
+            totals[group] = totals.get(group, torch.zeros(tasks + untrained)) + per_task
     return {group: (total / total.sum() if total.sum() > 0 else total).tolist() for group, total in totals.items()}
 
 
