@@ -35,7 +35,7 @@ class MoRAMConfig(pydantic.BaseModel):
         default_factory=lambda: list(LLAMA_ATTENTION),
         description="Module-name suffixes to wrap (\"q_proj\" matches \"...self_attn.q_proj\"), or one regex matched against full names.")
     alpha: float | None = Field(
-        None, description="LoRA-style scale numerator: a training block is scaled by alpha/r (baked into B at freeze). Default 2r.")
+        None, description="LoRA-style scale numerator: a training block is scaled by alpha/r (baked into B at freeze). Default: 2r for MoRAM, 4r (32 at r 8) for the LoRA baselines, as the official code.")
     dropout: float = Field(0.1, description="Dropout on the layer input of the atom branch (training only).")
     method: str = Field(
         "moram", description="moram, or a baseline on the same layer: seqlora, inclora, moelora, olora (see moram.methods).")
@@ -82,7 +82,7 @@ class MoRAMConfig(pydantic.BaseModel):
     @classmethod
     def _positive(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         if value is None and info.field_name == "alpha":
-            return None  # 2r, filled in once r is known
+            return None  # the method's default_scale x r, filled in once r is known
         return check_real(value, "must be > 0", lambda v: v > 0)
 
     @field_validator("olora_lambda1", "olora_lambda2", mode="before")
@@ -149,7 +149,7 @@ class MoRAMConfig(pydantic.BaseModel):
     @model_validator(mode="after")
     def _default_alpha(self) -> "MoRAMConfig":
         if self.alpha is None:
-            self.alpha = 2.0 * self.r
+            self.alpha = METHODS[self.method].default_scale * self.r
         return self
 
     # -- derived ---------------------------------------------------------------------------

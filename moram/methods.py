@@ -28,6 +28,10 @@ class Method:
     """Defaults shared by the methods: a new rank-r block per task, plain sum, no pruning."""
 
     name: ClassVar[str] = ""
+    # alpha = default_scale * r when a config sets none: 4 for the LoRA baselines, the official
+    # TRACE baselines' LoraConfig(r=8, lora_alpha=32) (Artificer-AI-Lab/MoRAM TRACE/training/
+    # main.py:359 O-LoRA, :497 SeqLoRA; IncLoRA and MoE-LoRA, absent there, as their family).
+    default_scale: ClassVar[float] = 4.0
     prunes: ClassVar[bool] = False
     shard_mode: ClassVar[str] = "append"
 
@@ -49,6 +53,7 @@ class MoRAM(Method):
     """Rank-1 atoms routed by normalised key response, top-k and a tempered softmax (Eqs. 5-8)."""
 
     name = "moram"
+    default_scale = 2.0     # alpha = 2r: the official MoRAM's lora_alpha (training/main.py:409)
     prunes = True
 
     def mixture_weights(self, layer, h, x, current):

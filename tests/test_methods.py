@@ -141,10 +141,16 @@ def test_moe_top_k_and_tau():
     torch.testing.assert_close(three_experts(moe_top_k=1)(x), torch.tensor([[3.0, 0.0, 0.0]]))
 
 
+def test_alpha_defaults_to_each_methods_official_scale():
+    # MoRAM: lora_alpha = 2r (official training/main.py:409); the LoRA baselines: r 8, alpha 32.
+    defaults = {method: MoRAMConfig(method=method, r=8).alpha for method in METHODS}
+    assert defaults == {"moram": 16.0, "seqlora": 32.0, "inclora": 32.0, "moelora": 32.0, "olora": 32.0}
+    assert MoRAMConfig(method="seqlora", r=4).scale == 4.0 and MoRAMConfig(method="seqlora", alpha=16).alpha == 16
+
 # -- frozen_scale ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("frozen_scale, after_freeze", [("baked", [2.0, 4.0]), ("official", [1.0, 2.0])])
 def test_official_frozen_scale_halves_a_frozen_atoms_contribution(frozen_scale, after_freeze):
-    layer = layer_for("inclora", d_in=2, d_out=2, r=2, frozen_scale=frozen_scale)   # alpha = 2r: scale 2
+    layer = layer_for("inclora", d_in=2, d_out=2, r=2, alpha=4.0, frozen_scale=frozen_scale)   # scale 2
     layer.begin_task(0)
     with torch.no_grad():
         layer.A.copy_(torch.eye(2)), layer.B.copy_(torch.eye(2))
