@@ -10,24 +10,29 @@ Layout (docs/performance.md): the frozen atoms live in one contiguous bank whose
 doubles when a task's atoms do not fit: keys as rows [capacity, d_in], values as rows
 [capacity, d_out] (scale baked in); ``frozen_A``/``frozen_B`` are views of the filled part.
 With ``fast_path="auto"`` the forward never concatenates weight matrices: the keys and the
-values of the frozen bank and of the trainable block are applied apart, MoRAM routes in compact
-form (``moram.kernels.fused_route_topk``: the Triton kernel on CUDA) and the value projection
-reads only the kept atoms once the bank is large (``moram.kernels.sparse_value``).
+values of the frozen bank and of the trainable block are applied apart, and the method's
+``update`` turns the key responses into y + Δy (MoRAM: compact routing,
+``moram.kernels.fused_route_topk``, the Triton kernel on CUDA, and the value of the kept atoms;
+at inference ``moram.kernels.route_value``, one call). In eval mode the frozen keys are rows of
+the base projection: the base weight is a view of one [d_out + capacity, d_in] storage whose
+later rows are the bank's keys, so ``x · [W0; A_frozen]ᵀ`` is one GEMM giving y and h (exact:
+no dropout in eval; the weight is not duplicated).
 ``fast_path="off"`` is the equations as written (concatenated bank, dense route and value).
 """
 from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional as MF
-from . import kernels
 from .config import MoRAMConfig
-from .methods import MoRAM, method_for
+from .methods import method_for
 
 
 @dataclass
@@ -40,7 +45,8 @@ class FinishedBlock:
     routing_mass: torch.Tensor      # [R at the task] mass of every routed atom (heatmaps)
     kept: torch.Tensor              # [n] indices of the kept atoms in the task's block
     added: int                      # atoms the task trained (before pruning)
-    router: torch.Tensor | None     # [1, d_in] MoE-LoRA gate key of the task's expert
+    # the method's per-task tensors (``Method.task_tensors``), e.g. MoE-LoRA's "router" [1, d_in]
+    task_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
@@ -75,13 +81,22 @@ class MoRAMLayer(nn.Module):
         self.register_buffer("bank_values", torch.zeros(0, self.out_features, dtype=dtype, device=device),
                              persistent=False)
         self._num_frozen = 0
-        # MoE-LoRA: one gate key per frozen expert, and each frozen atom's expert index.
-        self.register_buffer("frozen_router", torch.zeros(0, self.in_features, dtype=dtype, device=device))
-        self.register_buffer("frozen_expert", torch.zeros(0, dtype=torch.long, device=device))
+        # In eval, the storage [d_out + capacity, d_in] of which base.weight and bank_keys are
+        # views (``_joint_projection``); None until then, or when a move/cast separated them.
+        self._joint: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # The method's per-task tensors: frozen rows of every finished task (``frozen_<name>``),
+        # each frozen atom's task (``frozen_block``), and the open block's parameter ``<name>``.
+        # Non-persistent: state_dict stores their filled part, as it does the bank's.
+        self.task_tensor_names = tuple(t.name for t in self.method.task_tensors)
+        for name in self.task_tensor_names:
+            self.register_buffer(f"frozen_{name}", torch.zeros(0, self.in_features, dtype=dtype, device=device),
+                                 persistent=False)
+            setattr(self, name, None)
+        self.register_buffer("frozen_block", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self._num_blocks = 0
 
         self.A: nn.Parameter | None = None
         self.B: nn.Parameter | None = None
-        self.router: nn.Parameter | None = None
         self.task_index = -1
         self.current_trained = False       # a block takes part in routing once it has trained
         # (or from the start with route_untrained, as the official code does)
@@ -156,7 +171,22 @@ class MoRAMLayer(nn.Module):
         self.task_index = task_index
         self.current_trained = False
         self.method.begin_task(self, task_index)
+        if self.A is not None:  # a fresh block: the method's per-task tensors start at zero
+            for spec in self.method.task_tensors:
+                setattr(self, spec.name, nn.Parameter(self.bank_keys.new_zeros(spec.rows, self.in_features)))
         self.reset_stats()
+
+    def block_parameters(self) -> list[nn.Parameter]:
+        """The open block's trainable tensors: A, B and the method's per-task tensors."""
+        tensors = [self.A, self.B, *(getattr(self, name) for name in self.task_tensor_names)]
+        return [t for t in tensors if t is not None]
+
+    def drop_block(self) -> None:
+        """Forget the open block (A, B, per-task tensors) without freezing anything."""
+        self.A = self.B = None
+        for name in self.task_tensor_names:
+            setattr(self, name, None)
+        self.current_trained = False
 
     def new_block(self, task_index: int) -> None:
         """r fresh trainable atoms: A kaiming-uniform (a=√5), B zero."""
@@ -204,14 +234,14 @@ class MoRAMLayer(nn.Module):
         A = self.A.detach()[keep.to(device)].clone()
         baked = self.frozen_scale_factor
         B = (self.B.detach() * baked if baked is not None else self.B.detach())[:, keep.to(device)].clone()
-        router = None if self.router is None else self.router.detach().clone()
+        extras = {name: getattr(self, name).detach().clone() for name in self.task_tensor_names
+                  if getattr(self, name) is not None}
         self.last_finished = FinishedBlock(
             A=A, B=B, mass=mass[keep].clone(), routing_mass=self.activation_mass.clone(),
-            kept=keep.clone(), added=added, router=router,
+            kept=keep.clone(), added=added, task_tensors=extras,
         )
-        self.append_frozen(A, B, router)
-        self.A = self.B = self.router = None
-        self.current_trained = False
+        self.append_frozen(A, B, extras)
+        self.drop_block()
         return self.last_finished
 
     def _current_mass(self) -> torch.Tensor:
@@ -221,7 +251,10 @@ class MoRAMLayer(nn.Module):
         return mass[self.num_frozen:].clone()
 
     @torch.no_grad()
-    def append_frozen(self, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor | None = None) -> None:
+    def append_frozen(self, A: torch.Tensor, B: torch.Tensor,
+                      task_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Add one finished block to the frozen bank: keys A [n, d_in], values B [d_out, n]
+        (scale baked in) and the method's per-task tensors of that block (name -> [rows, d_in])."""
         dtype, device = self.bank_keys.dtype, self.bank_keys.device
         start, end = self._num_frozen, self._num_frozen + A.shape[0]
         if end > self.bank_keys.shape[0]:
@@ -229,32 +262,42 @@ class MoRAMLayer(nn.Module):
         self.bank_keys[start:end] = A.to(device=device, dtype=dtype)
         self.bank_values[start:end] = B.t().to(device=device, dtype=dtype)
         self._num_frozen = end
-        if router is not None:
-            expert = self.frozen_router.shape[0]
-            self.frozen_router = torch.cat([self.frozen_router, router.to(device=device, dtype=dtype)])
-            tags = torch.full((A.shape[0],), expert, dtype=torch.long, device=device)
-            self.frozen_expert = torch.cat([self.frozen_expert, tags])
+        task_tensors = task_tensors or {}
+        missing = [name for name in self.task_tensor_names if name not in task_tensors]
+        if missing:
+            raise ValueError(f"{self.name}: a {self.method.name} block needs its per-task tensors {missing}")
+        for name in self.task_tensor_names:
+            frozen = getattr(self, f"frozen_{name}")
+            setattr(self, f"frozen_{name}", torch.cat([frozen, task_tensors[name].to(device=device, dtype=dtype)]))
+        tags = torch.full((A.shape[0],), self._num_blocks, dtype=torch.long, device=device)
+        self.frozen_block = torch.cat([self.frozen_block, tags])
+        self._num_blocks += 1
 
     def _grow_bank(self, needed: int) -> None:
-        """At least double the capacity (amortised O(1) appends), keeping the filled rows."""
+        """At least double the capacity (amortised O(1) appends), keeping the filled rows. The
+        keys leave the joint storage (the next eval forward joins them again)."""
         capacity = max(needed, 2 * self.bank_keys.shape[0])
         for name in ("bank_keys", "bank_values"):
             old = getattr(self, name)
             grown = old.new_zeros(capacity, old.shape[1])
             grown[: self._num_frozen] = old[: self._num_frozen]
             setattr(self, name, grown)
+        self._joint = None
 
     @torch.no_grad()
     def clear_frozen(self) -> None:
         self._num_frozen = 0
-        self.frozen_router = self.frozen_router[:0].clone()
-        self.frozen_expert = self.frozen_expert[:0].clone()
+        for name in self.task_tensor_names:
+            setattr(self, f"frozen_{name}", getattr(self, f"frozen_{name}")[:0].clone())
+        self.frozen_block = self.frozen_block[:0].clone()
+        self._num_blocks = 0
 
     # -- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.activation_mass = torch.zeros(0)
 
-    def _accumulate(self, w: torch.Tensor, x: torch.Tensor) -> None:
+    def accumulate(self, w: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the weights w [..., R] of real tokens to each routed atom's activation mass."""
         mask = self.token_mask
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
             mask = None  # a layer that does not see [batch, seq] tokens
@@ -267,7 +310,7 @@ class MoRAMLayer(nn.Module):
             self.activation_mass = grown
         self.activation_mass[: mass.numel()] += mass
 
-    def _accumulate_kept(self, idx: torch.Tensor, w_kept: torch.Tensor, n_atoms: int, x: torch.Tensor) -> None:
+    def accumulate_kept(self, idx: torch.Tensor, w_kept: torch.Tensor, n_atoms: int, x: torch.Tensor) -> None:
         """The activation mass from the compact routing: each kept weight added to its atom."""
         mask = self.token_mask
         w_kept = w_kept.detach().float()
@@ -278,8 +321,9 @@ class MoRAMLayer(nn.Module):
 
     # -- the open task's state (checkpoints inside a task) ---------------------------------
     def open_state(self) -> dict[str, torch.Tensor]:
-        """The current block (A, B, MoE-LoRA router; float32 on CPU) and its activation mass."""
-        state = {"A": self.A, "B": self.B, "router": self.router}
+        """The current block (A, B, the method's per-task tensors; float32 on CPU) and its
+        activation mass."""
+        state = {"A": self.A, "B": self.B, **{name: getattr(self, name) for name in self.task_tensor_names}}
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if v is not None}
         state["activation_mass"] = self.activation_mass.contiguous()
         return state
@@ -288,43 +332,65 @@ class MoRAMLayer(nn.Module):
     def load_open_state(self, state: dict[str, torch.Tensor], with_stats: bool) -> None:
         self.A.copy_(state["A"])
         self.B.copy_(state["B"])
-        if self.router is not None:
-            self.router.copy_(state["router"])
+        for name in self.task_tensor_names:
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(state[name])
         self.activation_mass = state["activation_mass"].clone() if with_stats else torch.zeros(0)
         self.current_trained = True
 
     # -- state_dict: only the filled part of the bank, under the historic names -------------
+    # frozen_A [R, d_in], frozen_B [d_out, R]; with per-task tensors also frozen_<name> and
+    # frozen_block (before issue 23.2 MoE-LoRA's were frozen_router and frozen_expert: read too).
+    _LEGACY_KEYS = {"frozen_expert": "frozen_block"}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "frozen_A"] = self.frozen_A.clone()
         destination[prefix + "frozen_B"] = self.frozen_B.contiguous()
+        if self.task_tensor_names:
+            for name in self.task_tensor_names:
+                destination[prefix + f"frozen_{name}"] = getattr(self, f"frozen_{name}").clone()
+            destination[prefix + "frozen_block"] = self.frozen_block.clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         keys = [prefix + "frozen_A", prefix + "frozen_B"]
-        for key in keys:
+        extra = {name: prefix + f"frozen_{name}" for name in self.task_tensor_names}
+        block_key = next((prefix + k for k in ("frozen_block", "frozen_expert") if prefix + k in state_dict),
+                         prefix + "frozen_block")
+        ours = [*keys, *extra.values(), block_key, prefix + "frozen_router", prefix + "frozen_expert"]
+        for key in ours:
             if key in unexpected_keys:
                 unexpected_keys.remove(key)
-        if all(key in state_dict for key in keys):
+        needed = keys + ([*extra.values(), block_key] if extra else [])
+        if all(key in state_dict for key in needed):
             with torch.no_grad():
-                self._num_frozen = 0
-                self.append_frozen(state_dict[keys[0]], state_dict[keys[1]])
+                self.clear_frozen()
+                self.append_frozen(state_dict[keys[0]], state_dict[keys[1]],
+                                   {name: state_dict[key][:0] for name, key in extra.items()})
+                if extra:  # the blocks as saved, not one block
+                    for name, key in extra.items():
+                        setattr(self, f"frozen_{name}", state_dict[key].to(self.bank_keys))
+                    self.frozen_block = state_dict[block_key].to(device=self.bank_keys.device, dtype=torch.long)
+                    first = self.method.task_tensors[0]
+                    self._num_blocks = getattr(self, f"frozen_{first.name}").shape[0] // first.rows
         elif strict:
-            missing_keys.extend(key for key in keys if key not in state_dict)
+            missing_keys.extend(key for key in needed if key not in state_dict)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
         current = self.current_routes
         if self.training and current and torch.is_grad_enabled() and not self.current_trained:
             self.current_trained = True
         if self._num_frozen + (self.num_current if current else 0) == 0:
-            return y
-        if self.fast:
-            return self._fast_update(x, current, y)
-        return y + self._reference_delta(x, current).to(y.dtype)
+            return self.base(x, *args, **kwargs)
+        if not self.fast:
+            y = self.base(x, *args, **kwargs)
+            return y + self._reference_delta(x, current).to(y.dtype)
+        y, h, x_atoms = self._base_and_responses(x, current, args, kwargs)
+        return self.method.update(self, h, x_atoms, y, current)
 
     def _reference_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
         """fast_path="off": the equations as written, over the concatenated bank."""
@@ -336,63 +402,93 @@ class MoRAMLayer(nn.Module):
         h = x_atoms @ A.t()                                          # Eq. 3
         w = self.mixture_weights(h, x_atoms, current)
         if self.collect_stats:
-            self._accumulate(h.new_ones(h.shape) if w is None else w, x)
+            self.accumulate(h.new_ones(h.shape) if w is None else w, x)
         mixed = h if w is None else w * h                            # Eq. 4: w ⊙ h
         return mixed @ B.t()
 
-    def _fast_update(self, x: torch.Tensor, current: bool, y: torch.Tensor) -> torch.Tensor:
-        """y + Δy without concatenating weights: frozen bank and trainable block apart (no
-        gradient is built for the frozen keys or values), compact routing for MoRAM, and the
-        residual add fused into the value product (no extra [tokens, d_out] pass or buffer)."""
-        x_atoms = self.dropout(x).to(self.bank_keys.dtype)
-        n_frozen = self._num_frozen
+    def _base_and_responses(self, x, current, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base output y, the routed atoms' key responses h [..., R] (Eq. 3) and the input
+        after dropout: in eval one GEMM x · [W0; A_frozen]ᵀ (y and h are views of it), else the
+        base and the keys apart (frozen bank and trainable block apart: no gradient is built for
+        the frozen keys). The base runs before the dropout, as it always has: the order in which
+        autograd sums x's gradients follows it (bit-identical training)."""
+        joint = None if self.training or args or kwargs or x.dtype != self.bank_keys.dtype else self._joint_projection()
         parts = []
-        if n_frozen:
-            parts.append(x_atoms @ self.frozen_A.t())
-        current_B = None
+        if joint is not None:
+            yh = F.linear(x, *joint)
+            y, frozen_h = yh.split([self.out_features, self._num_frozen], dim=-1)
+            parts.append(frozen_h)
+            x_atoms = self.dropout(x)
+        else:
+            y = self.base(x, *args, **kwargs)
+            x_atoms = self.dropout(x).to(self.bank_keys.dtype)
+            if self._num_frozen:
+                parts.append(x_atoms @ self.frozen_A.t())
         if current:
             parts.append(x_atoms @ self.A.t())
-            current_B = self.B * self.config.scale
-        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [..., R]    Eq. 3
-        if isinstance(self.method, MoRAM):
-            return self._routed_update(h, n_frozen, current_B, x, y)
-        w = self.mixture_weights(h, x_atoms, current)
-        if self.collect_stats:
-            self._accumulate(h.new_ones(h.shape) if w is None else w, x)
-        return self._dense_update(h if w is None else w * h, n_frozen, current_B, y)
+        return y, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), x_atoms
 
-    def _routed_update(self, h, n_frozen, current_B, x, y) -> torch.Tensor:
-        """MoRAM: Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those."""
-        delta = None if self.training else self.delta                # Eq. 8 acts at inference only
-        routed = kernels.fused_route_topk(h, self.k, self.tau, delta, self.config.eps,
-                                          return_weights=self.collect_stats, ascending=False)
-        coef, idx = routed[0], routed[1]
-        if self.collect_stats:
-            self._accumulate_kept(idx, routed[2], h.shape[-1], x)
-        n_atoms, k_eff = h.shape[-1], idx.shape[-1]
-        # The switch points are measured (docs/performance.md), later where a backward follows.
-        per_k = kernels.SPARSE_MIN_ATOMS_PER_K_TRAINING if h.requires_grad else kernels.SPARSE_MIN_ATOMS_PER_K
-        if n_atoms >= per_k * k_eff:
-            value = kernels.sparse_value(coef, idx, self.frozen_values.t(), current_B, min_atoms_per_k=0)
-            return _add_residual(y, value)
-        # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept
-        # coefficients are already every atom's, in order (indices 0..R-1).
-        mixed = coef if k_eff == n_atoms else coef.new_zeros(h.shape).scatter_add(-1, idx, coef)
-        return self._dense_update(mixed, n_frozen, current_B, y)
+    def _joint_projection(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight [d_out + R, d_in], bias [d_out + R] or None) whose first d_out rows are the base
+        projection's and the rest the frozen keys (bias 0 there), sharing storage with
+        base.weight/base.bias and bank_keys; joined here on first use and again after anything
+        (a move, a cast, a growing bank) separated them. None where it does not apply: another
+        base than nn.Linear, hooks on it, weights of another dtype or device than the bank."""
+        base = self.base
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or not self._num_frozen \
+                or torch.compiler.is_compiling():
+            return None
+        weight, bias, keys = base.weight, base.bias, self.bank_keys
+        if weight.dtype != keys.dtype or weight.device != keys.device:
+            return None
+        if self._joint is None or self._joint[0].data_ptr() != weight.data_ptr() \
+                or keys.data_ptr() != weight.data_ptr() + weight.numel() * weight.element_size() \
+                or (bias is not None and (self._joint[1] is None or self._joint[1].data_ptr() != bias.data_ptr())):
+            self._join_base_and_keys()
+        rows = self.out_features + self._num_frozen
+        joint_weight, joint_bias = self._joint
+        return joint_weight[:rows], None if joint_bias is None else joint_bias[:rows]
 
-    def _dense_update(self, mixed: torch.Tensor, n_frozen: int, current_B: torch.Tensor | None,
-                      y: torch.Tensor) -> torch.Tensor:
-        """y + [frozen values | current_B] · mixed, as addmm's onto y (no concatenated bank)."""
+    @torch.no_grad()
+    def _join_base_and_keys(self) -> None:
+        """One storage [d_out + capacity, d_in]: base.weight (the same Parameter) and bank_keys
+        become views of its rows, as does base.bias of a [d_out + capacity] one (zeros after)."""
+        with torch.inference_mode(False):  # normal tensors: the base weight trains models later
+            self._join_storage()
+
+    def _join_storage(self) -> None:
+        base, d_out, capacity = self.base, self.out_features, self.bank_keys.shape[0]
+        weight = base.weight.new_empty(d_out + capacity, self.in_features)
+        weight[:d_out] = base.weight
+        weight[d_out:] = self.bank_keys
+        base.weight.data = weight[:d_out]
+        self.bank_keys = weight[d_out:]
+        bias = None
+        if base.bias is not None:
+            bias = base.bias.new_zeros(d_out + capacity)
+            bias[:d_out] = base.bias
+            base.bias.data = bias[:d_out]
+        self._joint = (weight, bias)
+
+    def current_values(self) -> torch.Tensor:
+        """The open block's values [d_out, r] with its training scale alpha/r."""
+        return self.B * self.config.scale
+
+    def dense_update(self, mixed: torch.Tensor, current: bool, y: torch.Tensor) -> torch.Tensor:
+        """y + [frozen values | current values] · mixed, as addmm's onto y (no concatenated bank)."""
+        current_B = self.current_values() if current else None
         if mixed.dtype != y.dtype:  # atoms kept in another dtype than the base: add at the end
-            value = self._dense_update(mixed, n_frozen, current_B, mixed.new_zeros(*mixed.shape[:-1], y.shape[-1]))
+            value = self.dense_update(mixed, current, mixed.new_zeros(*mixed.shape[:-1], y.shape[-1]))
             return y + value.to(y.dtype)
+        n_frozen = self._num_frozen
         out = y.reshape(-1, y.shape[-1])
         rows = mixed.reshape(-1, mixed.shape[-1])
-        # In place onto y only without autograd; with it, onto the first addmm's own fresh output
-        # (addmm's backward does not read its output). Never under autocast: it casts addmm's
-        # inputs, not an in-place addmm_'s.
+        # In place onto y only without autograd and when y is its own tensor (not a view of the
+        # joint eval GEMM); with autograd, onto the first addmm's own fresh output (addmm's
+        # backward does not read its output). Never under autocast: it casts addmm's inputs, not
+        # an in-place addmm_'s.
         autocast = torch.is_autocast_enabled(y.device.type)
-        in_place = not torch.is_grad_enabled() and not autocast
+        in_place = not torch.is_grad_enabled() and not autocast and y.is_contiguous()
         if current_B is not None:
             current = rows[:, n_frozen:]
             out = out.addmm_(current, current_B.t()) if in_place else torch.addmm(out, current, current_B.t())
@@ -401,6 +497,17 @@ class MoRAMLayer(nn.Module):
             frozen = rows[:, :n_frozen]
             out = out.addmm_(frozen, self.frozen_values) if in_place else torch.addmm(out, frozen, self.frozen_values)
         return out.view(y.shape)
+
+    @staticmethod
+    def add_residual(y: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """y + value, reusing a buffer where autograd allows: y itself without autograd (when it
+        is its own tensor), else ``value`` (the layer's own fresh output of embedding_bag/addmm,
+        whose backward does not read it)."""
+        if value.dtype != y.dtype or value.shape != y.shape:
+            return y + value.to(y.dtype)
+        if not torch.is_grad_enabled():
+            return y.add_(value) if y.is_contiguous() else value.add_(y)
+        return value.add_(y)
 
     def mixture_weights(self, h: torch.Tensor, x: torch.Tensor, current: bool) -> torch.Tensor | None:
         """w over the routed atoms; None means every atom counts fully (the LoRA baselines)."""
@@ -414,10 +521,3 @@ class MoRAMLayer(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, frozen_atoms={self.num_frozen}, "
                 f"current_atoms={self.num_current}, method={self.method.name}")
 
-
-def _add_residual(y: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """y + value, reusing a buffer where autograd allows: y itself without autograd, else
-    ``value`` (the layer's own fresh output of embedding_bag/addmm, whose backward does not read it)."""
-    if value.dtype != y.dtype or value.shape != y.shape:
-        return y + value.to(y.dtype)
-    return y.add_(value) if not torch.is_grad_enabled() else value.add_(y)

@@ -1,10 +1,16 @@
 """The continual-learning methods as small strategies over one atom-bank layer.
 
 Every method shares ``MoRAMLayer``'s bank (frozen atoms + the current task's block); a
-strategy decides only what differs between them:
+strategy owns what differs between them, as PEFT's ``LoraVariant`` owns a LoRA variant's
+forward (a stateful method is one class here plus its config fields):
 
     begin_task(layer, i)          how task i's trainable block is made (fresh atoms, or thaw all)
     mixture_weights(layer, ...)   w over the routed atoms; None = every atom counts fully
+    update(layer, h, x, y, ...)   the fast path's y + Δy from the key responses h (default: w from
+                                  mixture_weights, then the dense value; MoRAM: compact routing)
+    task_tensors                  tensors it trains per task beside A and B (``TaskTensor``); the
+                                  layer, the open task's state, shards and loading carry them
+    routes                        whether it has routing weights (routing diagnostics)
     prunes                        whether post-pruning (Sec. 3.3.4) applies to a task's atoms
     shard_mode                    "append": a task's shard joins the bank; "replace": it is the bank
     extra_loss(layer)             a regulariser added to the task loss (None: none)
@@ -13,15 +19,28 @@ strategy decides only what differs between them:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
 from . import functional as MF
+from . import kernels
 
 if TYPE_CHECKING:
     from .layer import MoRAMLayer
+
+
+@dataclass(frozen=True)
+class TaskTensor:
+    """A tensor a method trains per task beside the atoms' A and B: ``rows`` x d_in per task
+    (MoE-LoRA's gate key: one row). The layer carries it without knowing the method: the open
+    block's parameter ``layer.<name>`` (zeros at begin_task), the rows of every finished task in
+    order in ``layer.frozen_<name>`` with ``layer.frozen_block`` naming each frozen atom's task,
+    the shard field ``layers.<module>.<name>`` and ``<layer>.<name>`` in the open task's state."""
+
+    name: str
+    rows: int = 1
 
 
 class Method:
@@ -33,7 +52,9 @@ class Method:
     # main.py:359 O-LoRA, :497 SeqLoRA; IncLoRA and MoE-LoRA, absent there, as their family).
     default_scale: ClassVar[float] = 4.0
     prunes: ClassVar[bool] = False
+    routes: ClassVar[bool] = False
     shard_mode: ClassVar[str] = "append"
+    task_tensors: ClassVar[tuple[TaskTensor, ...]] = ()
 
     def begin_task(self, layer: "MoRAMLayer", task_index: int) -> None:
         layer.new_block(task_index)
@@ -41,6 +62,15 @@ class Method:
     def mixture_weights(self, layer: "MoRAMLayer", h: torch.Tensor, x: torch.Tensor,
                         current: bool) -> torch.Tensor | None:
         return None
+
+    def update(self, layer: "MoRAMLayer", h: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               current: bool) -> torch.Tensor:
+        """The fast path's y + Δy: h [..., R] the key responses of the routed atoms (frozen, then
+        the open block's when ``current``), x the layer input after dropout, y the base output."""
+        w = self.mixture_weights(layer, h, x, current)
+        if layer.collect_stats:
+            layer.accumulate(h.new_ones(h.shape) if w is None else w, x)
+        return layer.dense_update(h if w is None else w * h, current, y)
 
     def extra_loss(self, layer: "MoRAMLayer") -> torch.Tensor | None:
         return None
@@ -55,10 +85,39 @@ class MoRAM(Method):
     name = "moram"
     default_scale = 2.0     # alpha = 2r: the official MoRAM's lora_alpha (training/main.py:409)
     prunes = True
+    routes = True
 
     def mixture_weights(self, layer, h, x, current):
         delta = None if layer.training else layer.delta      # Eq. 8 acts at inference only
         return MF.route(h, layer.k, layer.tau, delta, layer.config.eps)
+
+    def update(self, layer, h, x, y, current):
+        """Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those. At
+        inference over the frozen bank: one call, ``kernels.route_value`` (routing, value and
+        residual; the C++ op on CPU)."""
+        delta = None if layer.training else layer.delta      # Eq. 8 acts at inference only
+        if not current and not (torch.is_grad_enabled() and h.requires_grad):
+            if layer.collect_stats:  # the weights for the statistics only: the output is route_value's
+                _, idx, w = kernels.fused_route_topk(h, layer.k, layer.tau, delta, layer.config.eps,
+                                                     return_weights=True, ascending=False)
+                layer.accumulate_kept(idx, w, h.shape[-1], x)
+            return kernels.route_value(y, h, layer.frozen_values, layer.k, layer.tau, delta, layer.config.eps)
+        routed = kernels.fused_route_topk(h, layer.k, layer.tau, delta, layer.config.eps,
+                                          return_weights=layer.collect_stats, ascending=False)
+        coef, idx = routed[0], routed[1]
+        if layer.collect_stats:
+            layer.accumulate_kept(idx, routed[2], h.shape[-1], x)
+        n_atoms, k_eff = h.shape[-1], idx.shape[-1]
+        # The switch points are measured (docs/performance.md), later where a backward follows.
+        per_k = kernels.SPARSE_MIN_ATOMS_PER_K_TRAINING if h.requires_grad else kernels.SPARSE_MIN_ATOMS_PER_K
+        current_B = layer.current_values() if current else None
+        if n_atoms >= per_k * k_eff:
+            value = kernels.sparse_value(coef, idx, layer.frozen_values.t(), current_B, min_atoms_per_k=0)
+            return layer.add_residual(y, value)
+        # Small bank: one dense product beats per-atom lookups. With k_eff = R the kept
+        # coefficients are already every atom's, in order (indices 0..R-1).
+        mixed = coef if k_eff == n_atoms else coef.new_zeros(h.shape).scatter_add(-1, idx, coef)
+        return layer.dense_update(mixed, current, y)
 
 
 class SeqLoRA(Method):
@@ -88,13 +147,11 @@ class MoELoRA(Method):
     """
 
     name = "moelora"
-
-    def begin_task(self, layer, task_index):
-        layer.new_block(task_index)
-        layer.router = nn.Parameter(layer.frozen_router.new_zeros(1, layer.in_features))
+    routes = True
+    task_tensors = (TaskTensor("router"),)   # the task expert's gate key [1, d_in], zeros at first
 
     def mixture_weights(self, layer, h, x, current):
-        keys, expert = layer.frozen_router, layer.frozen_expert
+        keys, expert = layer.frozen_router, layer.frozen_block   # one expert per finished task
         if current:
             keys = torch.cat([keys, layer.router])
             new = torch.full((layer.num_current,), keys.shape[0] - 1, dtype=torch.long, device=h.device)

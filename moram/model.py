@@ -164,9 +164,8 @@ class MoRAMModel(nn.Module):
         self.close_untrained_block()
         for layer in self.moram_layers.values():
             layer.begin_task(self.num_tasks)
-            for parameter in (layer.A, layer.B, layer.router):
-                if parameter is not None:
-                    parameter.requires_grad_(False)
+            for parameter in layer.block_parameters():
+                parameter.requires_grad_(False)
         self._untrained_block = True
 
     def close_untrained_block(self) -> None:
@@ -174,8 +173,7 @@ class MoRAMModel(nn.Module):
         if not self._untrained_block:
             return
         for layer in self.moram_layers.values():
-            layer.A = layer.B = layer.router = None
-            layer.current_trained = False
+            layer.drop_block()
         self._untrained_block = False
 
     def set_routing(self, k: int | None = None, tau: float | None = None, delta: float | None = None) -> None:
@@ -232,8 +230,9 @@ class MoRAMModel(nn.Module):
 
     # -- the open task's state (checkpoints inside a task) ---------------------------------
     def open_task_state(self) -> dict[str, torch.Tensor]:
-        """The open task's trainable tensors and statistics, flat (``<layer>.A``, ``.B``,
-        ``.router`` for MoE-LoRA, ``.activation_mass``), float32 on CPU: a checkpoint."""
+        """The open task's trainable tensors and statistics, flat (``<layer>.A``, ``.B``, the
+        method's per-task tensors such as MoE-LoRA's ``.router``, ``.activation_mass``), float32 on
+        CPU: a checkpoint."""
         self._require_open_task("open_task_state()")
         return {f"{name}.{key}": tensor for name, layer in self.moram_layers.items()
                 for key, tensor in layer.open_state().items()}
@@ -266,7 +265,8 @@ class MoRAMModel(nn.Module):
         """(trainable, total) parameters, frozen atoms included in the total."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters()) + sum(
-            layer.frozen_A.numel() + layer.frozen_B.numel() + layer.frozen_router.numel()
+            layer.frozen_A.numel() + layer.frozen_B.numel()
+            + sum(getattr(layer, f"frozen_{name}").numel() for name in layer.task_tensor_names)
             for layer in self.moram_layers.values())
         return trainable, total
 
@@ -286,7 +286,7 @@ class MoRAMModel(nn.Module):
         for name, layer in self.moram_layers.items():
             done = layer.last_finished
             blocks[name] = {"A": done.A, "B": done.B, "mass": done.mass, "routing_mass": done.routing_mass,
-                            "kept": done.kept, "router": done.router}
+                            "kept": done.kept, **done.task_tensors}
         metadata = {
             "task": self.task_names[-1],
             "task_index": len(self.task_names) - 1,
@@ -351,7 +351,7 @@ class MoRAMModel(nn.Module):
 
                     keep = atoms_to_keep(fields["mass"].float(), prune_mass)
                     A, B = A[keep], B[:, keep]
-                layer.append_frozen(A, B, fields.get("router"))
+                layer.append_frozen(A, B, {name: fields[name] for name in layer.task_tensor_names})
             self.task_names.append(shard.metadata["task"])
 
     def _check_compatible(self, shard: Shard) -> None:
@@ -374,6 +374,11 @@ class MoRAMModel(nn.Module):
                 raise ShardError(f"shard {shard.name}: layer {name} has atoms of shape "
                                  f"{tuple(fields['A'].shape)}/{tuple(fields['B'].shape)}, the model "
                                  f"needs [n, {layer.in_features}]/[{layer.out_features}, n]")
+            for spec in self.method.task_tensors:  # the method's per-task tensors (MoE-LoRA's router)
+                if tuple(fields.get(spec.name, torch.zeros(0)).shape) != (spec.rows, layer.in_features):
+                    found = tuple(fields[spec.name].shape) if spec.name in fields else "none"
+                    raise ShardError(f"shard {shard.name}: layer {name} needs its {self.moram_config.method} "
+                                     f"'{spec.name}' [{spec.rows}, {layer.in_features}], found {found}")
 
 
 def get_moram_model(model: nn.Module, config: MoRAMConfig) -> MoRAMModel:

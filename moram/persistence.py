@@ -7,7 +7,9 @@ Layout of a shard (safetensors, never pickle):
     layers.<module>.mass          [n]         activation mass of the kept atoms over the task
     layers.<module>.routing_mass  [R]         mass of every atom routed during the task
     layers.<module>.kept          [n]         indices of the kept atoms in the task's block
-    layers.<module>.router        [1, d_in]   MoE-LoRA only: the task expert's gate key
+    layers.<module>.<name>        [rows, d_in] each of the method's per-task tensors
+                                              (``Method.task_tensors``): MoE-LoRA's "router"
+                                              [1, d_in], the task expert's gate key
 metadata (strings): format, format_version, content_sha256 (over every tensor's name, dtype,
 shape and bytes, checked on every read), task, task_index, method, mode ("append": the atoms
 join the bank; "replace": SeqLoRA's shard is the whole adapter; the method's ``shard_mode``),
@@ -29,7 +31,6 @@ from safetensors.torch import save as save_safetensors
 SHARD_FORMAT = "moram-shard"
 SHARD_FORMAT_VERSION = 1
 _LAYER_PREFIX = "layers."
-_FIELDS = ("A", "B", "mass", "routing_mass", "kept", "router")
 
 
 class ShardError(ValueError):

@@ -8,7 +8,9 @@ from torch import nn
 
 from moram import MoRAMConfig, get_moram_model, read_shard
 from moram.config import MoRAMConfigError
+from moram import functional as MF
 from moram.functional import moram_delta
+from moram.kernels import cpu_op, route_value, route_value_reference
 from moram.layer import MoRAMLayer
 from moram_platform.benchmark import get_benchmark
 from moram_platform.config import config_from_dict
@@ -244,3 +246,140 @@ def test_a_short_platform_sequence_gives_the_same_accuracy_matrix_with_the_fast_
                     assert torch.equal(fast_t, slow_t), f"task 0, {name}.{key}"
                 else:
                     torch.testing.assert_close(fast_t, slow_t, atol=TRAINED_ATOL, rtol=TRAINED_RTOL)
+
+
+# -- inference: the one-call update (kernels.route_value) and the joint base+keys GEMM -----------------
+def spec_update(y, h, values, k, tau, delta=None):
+    """y + Δy by the equations (functional.route, then the dense value): the specification."""
+    w = MF.route(h, k, tau, delta)
+    return y + ((w * h) @ values).to(y.dtype)
+
+
+def route_value_backends():
+    """The PyTorch path always; the C++ op where it is built (make install builds it)."""
+    backends = [pytest.param(route_value_reference, id="torch")]
+    if cpu_op.available():
+        backends.append(pytest.param(route_value, id="cpp"))
+    return backends
+
+
+def assert_update_close(dtype, actual, expected):
+    """float32: to rounding; bfloat16: within ~2 bf16 steps of the output's size (the op sums the
+    value in float32 and rounds once; the equations round the value, then the sum)."""
+    assert actual.dtype == expected.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        error = (actual.float() - expected.float()).abs().max()
+        assert error <= 0.02 * expected.float().abs().max() + 1e-6, f"max error {error}"
+
+
+@pytest.mark.parametrize("update", route_value_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R, k", [(3, 8), (8, 8), (20, 4), (56, 8), (128, 8)],
+                         ids=["R<k", "R=k", "dense-bank", "56", "128"])
+@pytest.mark.parametrize("delta", [None, 0.2])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5)], ids=["batch1-decode", "batch3x5"])
+def test_the_inference_update_matches_the_equations(update, dtype, R, k, delta, shape):
+    torch.manual_seed(R + k)
+    h = torch.randn(*shape, R).to(dtype)
+    y, values = torch.randn(*shape, 12).to(dtype), (torch.randn(R, 12) * 0.5).to(dtype)
+    assert_update_close(dtype, update(y, h, values, k, 0.1, delta), spec_update(y, h, values, k, 0.1, delta))
+
+
+@pytest.mark.parametrize("update", route_value_backends())
+def test_the_inference_update_with_ties_and_an_empty_bank(update):
+    # Ties at the k-th value: the kept atoms have equal weights, so which tied ones are kept changes
+    # Δy only through their value rows; with equal rows it is the equations' value whichever.
+    h = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],      # all equal
+                      [1.0, 2.0, 2.0, 2.0, 0.5, 2.0],      # four tied at the top, k = 2
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])     # zero response: no division by zero
+    values, y = torch.ones(6, 4), torch.zeros(3, 4)
+    torch.testing.assert_close(update(y, h, values, 2, 0.1), spec_update(y, h, values, 2, 0.1))
+    # the C++ op and the Triton kernel keep the lowest tied indices: atoms 1 and 2 of row 1
+    distinct = torch.eye(6)[:, :4] + torch.arange(6.0).unsqueeze(1)
+    if update is route_value:
+        torch.testing.assert_close(update(y, h, distinct, 2, 0.1)[1], distinct[1] + distinct[2])
+    empty = update(y, torch.zeros(3, 0), torch.zeros(0, 4), 2, 0.1)
+    assert torch.equal(empty, y) and empty.data_ptr() != y.data_ptr()
+
+
+def test_the_cpu_op_fallback_is_said_once(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_op, "_state", {})
+    monkeypatch.setenv("MORAM_CPU_OP", "0")
+    with caplog.at_level("WARNING", logger="moram.kernels"):
+        assert not cpu_op.available() and not cpu_op.available()
+        h, y, values = torch.randn(2, 6), torch.randn(2, 3), torch.randn(6, 3)
+        torch.testing.assert_close(route_value(y, h, values, 2, 0.1), spec_update(y, h, values, 2, 0.1))
+    assert [r.message for r in caplog.records].count(
+        "moram: the C++ inference op is not available (MORAM_CPU_OP=0); using the PyTorch path") == 1
+
+
+def served_pair(seed=0, dtype=torch.float32):
+    """The same frozen bank (two tasks' worth) in a fast and an "off" model, in eval mode."""
+    models = []
+    for path in ("auto", "off"):
+        model = get_moram_model(tiny_llama(seed), MoRAMConfig(r=4, k=3, tau=0.1, delta=0.1, fast_path=path,
+                                                              target_modules=["q_proj", "v_proj", "o_proj"]))
+        generator = torch.Generator().manual_seed(seed)
+        for layer in model.moram_layers.values():
+            for n in (5, 7):
+                layer.append_frozen(torch.randn(n, layer.in_features, generator=generator),
+                                    torch.randn(layer.out_features, n, generator=generator) * 0.1)
+        models.append(model.to(dtype).eval())
+    return models
+
+
+def test_in_eval_the_frozen_keys_are_rows_of_the_base_projection():
+    fast, off = served_pair()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    layer = next(iter(fast.moram_layers.values()))
+    weight = layer.base.weight
+    with torch.inference_mode():
+        fast_logits, off_logits = fast(input_ids=ids).logits, off(input_ids=ids).logits
+    torch.testing.assert_close(fast_logits, off_logits, rtol=1e-5, atol=1e-5)
+    # one storage: the same Parameter, now a view of [d_out + capacity, d_in], the keys after it
+    assert layer.base.weight is weight and not weight.requires_grad
+    assert layer.bank_keys.data_ptr() == weight.data_ptr() + weight.numel() * weight.element_size()
+    assert torch.equal(layer.frozen_A, off.moram_layers[next(iter(off.moram_layers))].frozen_A)
+    # the base model, bit for bit, inside disable_adapter (the base weight as a view)
+    with torch.inference_mode(), fast.disable_adapter():
+        assert torch.equal(fast(input_ids=ids).logits, tiny_llama(0)(input_ids=ids).logits)
+
+
+def test_the_joint_projection_survives_casts_growth_and_training_after_inference():
+    fast, off = served_pair()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        fast(input_ids=ids)                      # joined under inference_mode ...
+    fast.begin_task("next")                      # ... and trainable afterwards (no inference tensors)
+    fast.train()
+    fast(input_ids=ids, labels=ids).loss.backward()
+    fast.end_task()
+    off.begin_task("next"), off.end_task(prune=False)   # the same bank growth as in `fast` ...
+    for name, layer in fast.moram_layers.items():        # ... with the block fast just trained
+        other = off.moram_layers[name]
+        other.clear_frozen()
+        other.append_frozen(layer.frozen_A, layer.frozen_B)
+    for dtype in (torch.bfloat16, torch.float32):         # a cast separates the views: joined again
+        fast.to(dtype), off.to(dtype)
+        with torch.inference_mode():
+            fast_logits, off_logits = fast.eval()(input_ids=ids).logits, off.eval()(input_ids=ids).logits
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(fast_logits.float(), off_logits.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_ragged_left_padded_batch_reads_each_prompt_as_alone():
+    fast, off = served_pair()
+    lengths = (7, 3, 5)
+    prompts = [torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    width = max(lengths)
+    ids = torch.cat([torch.cat([torch.zeros(1, width - p.shape[1], dtype=torch.long), p], dim=1) for p in prompts])
+    mask = (torch.arange(width) >= width - torch.tensor(lengths).unsqueeze(1)).long()
+    with torch.inference_mode():
+        batched = fast(input_ids=ids, attention_mask=mask).logits
+        batched_off = off(input_ids=ids, attention_mask=mask).logits
+        for row, prompt in enumerate(prompts):
+            alone = fast(input_ids=prompt).logits[0]
+            torch.testing.assert_close(batched[row, width - prompt.shape[1]:], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched[mask.bool()], batched_off[mask.bool()], rtol=1e-5, atol=1e-5)

@@ -141,7 +141,7 @@ def test_moelora_gates_experts_with_a_learned_router():
     layer = MoRAMLayer(base, MoRAMConfig(r=1, method="moelora", dropout=0.0, target_modules=["x"]), name="l")
     A1, B1, G1 = torch.tensor([[1.0, 0, 0]]), torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0, 0, 0]])
     A2, B2, G2 = torch.tensor([[0, 1.0, 0]]), torch.tensor([[0.0], [1.0]]), torch.tensor([[0, 0, 1.0]])
-    layer.append_frozen(A1, B1, G1), layer.append_frozen(A2, B2, G2)
+    layer.append_frozen(A1, B1, {"router": G1}), layer.append_frozen(A2, B2, {"router": G2})
     x = torch.tensor([[2.0, 3.0, 1.0]])
     # gate = softmax(x·G) = softmax(2, 1); expert 1 outputs (2, 0), expert 2 outputs (0, 3).
     g1 = math.exp(2) / (math.exp(2) + math.exp(1))

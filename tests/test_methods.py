@@ -3,6 +3,7 @@
 Golden values are computed by hand in the comments; nothing here compares our code to itself
 except where a test says "the same as" a path already golden-tested in test_functional.
 """
+import importlib.util
 import math
 
 import pytest
@@ -55,11 +56,12 @@ def test_registry_names_every_strategy_by_its_config_name():
 @pytest.mark.parametrize("method", ["moram", "inclora", "moelora", "olora"])
 def test_a_task_adds_a_fresh_block_beside_the_frozen_atoms(method):
     layer = layer_for(method, r=2)
-    layer.append_frozen(torch.eye(4)[:3], torch.ones(2, 3), torch.ones(1, 4) if method == "moelora" else None)
+    layer.append_frozen(torch.eye(4)[:3], torch.ones(2, 3), {"router": torch.ones(1, 4)} if method == "moelora" else None)
     layer.begin_task(1)
     assert layer.num_frozen == 3 and layer.num_current == 2
     assert torch.count_nonzero(layer.B) == 0
-    assert (layer.router is not None) == (method == "moelora")
+    block = {name for name, _ in layer.named_parameters() if not name.startswith("base.")}
+    assert block == ({"A", "B", "router"} if method == "moelora" else {"A", "B"})   # the method's task_tensors
     if method == "moelora":
         assert torch.count_nonzero(layer.router) == 0   # the new expert's gate key starts at 0
 
@@ -117,7 +119,7 @@ def three_experts(**config):
     layer = layer_for("moelora", d_in=3, d_out=3, r=1, **config)
     for i in range(3):
         e = torch.eye(3)[i : i + 1]
-        layer.append_frozen(e, e.t(), e)
+        layer.append_frozen(e, e.t(), {"router": e})
     return layer
 
 
@@ -139,6 +141,7 @@ def test_moe_top_k_and_tau():
     torch.testing.assert_close(three_experts(moe_tau=2.0)(x), expected)
     # top-1: the best expert alone, with weight 1
     torch.testing.assert_close(three_experts(moe_top_k=1)(x), torch.tensor([[3.0, 0.0, 0.0]]))
+
 
 
 def test_alpha_defaults_to_each_methods_official_scale():
@@ -290,3 +293,50 @@ def test_olora_shards_round_trip_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
     assert fresh.atom_counts() == model.atom_counts() == {n: 8 for n in model.moram_layers}
+
+
+# -- a method owns its per-task tensors; shards written before that still load ---------------------
+LEGACY = __import__("pathlib").Path(__file__).parent / "fixtures" / "legacy_shards"
+
+
+def test_the_routes_flag_and_the_declared_task_tensors():
+    assert {name: cls.routes for name, cls in METHODS.items()} == {
+        "moram": True, "seqlora": False, "inclora": False, "moelora": True, "olora": False}
+    assert {name: [t.name for t in cls.task_tensors] for name, cls in METHODS.items() if cls.task_tensors} == {
+        "moelora": ["router"]}
+
+
+@pytest.mark.parametrize("method", ["moram", "moelora", "seqlora"])
+def test_shards_written_before_methods_owned_their_state_still_load(method):
+    """tests/fixtures/legacy_shards (make.py there) were written by commit 9ca377b's code: loaded
+    today, the model gives the logits it gave then (to float32 rounding: the eval path changed)."""
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("make_legacy", LEGACY / "make.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    model = get_moram_model(tiny_llama(), make.config(method))
+    model.load_shards([LEGACY / f"{method}-task{t}.safetensors" for t in range(2)])
+    with torch.no_grad():
+        logits = model.eval()(input_ids=make.IDS).logits
+    torch.testing.assert_close(logits, load_file(LEGACY / "expected.safetensors")[method], rtol=1e-5, atol=1e-5)
+    if method == "moelora":   # the routers as the method's per-task tensor, one row per task
+        layer = next(iter(model.moram_layers.values()))
+        assert layer.frozen_router.shape == (2, layer.in_features)
+        assert layer.frozen_block.tolist() == [0] * 4 + [1] * 4
+
+
+def test_a_moelora_shard_without_its_router_is_refused_naming_it(tmp_path):
+    from moram.persistence import read_shard as read, shard_to_bytes
+
+    shard = read(LEGACY / "moelora-task0.safetensors")
+    blocks = {}
+    for key, tensor in shard.tensors.items():
+        layer, _, field = key[len("layers."):].rpartition(".")
+        if field != "router":
+            blocks.setdefault(layer, {})[field] = tensor
+    stripped = shard_to_bytes(blocks, {k: v for k, v in shard.metadata.items()
+                                       if k not in ("format", "format_version", "content_sha256")})
+    model = get_moram_model(tiny_llama(), MoRAMConfig(r=4, k=3, tau=0.1, method="moelora"))
+    with pytest.raises(ShardError, match="needs its moelora 'router'"):
+        model.load_shards([stripped])

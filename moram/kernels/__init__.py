@@ -7,13 +7,17 @@
 - sparse_value(coef, idx, B, current_B=None) -> Δy [..., d_out]: [B | current_B] · (w ⊙ h) from
   the selected atoms only, dense below SPARSE_MIN_ATOMS_PER_K · k_eff atoms
   (SPARSE_MIN_ATOMS_PER_K_TRAINING · k_eff where a backward follows: the layer's choice).
+- route_value(y, h, values, k, tau, delta, eps) -> y + Δy: MoRAM's inference update over the
+  frozen bank in one call (routing, the kept atoms' values, the residual); the C++ op of
+  csrc/route_value.cpp on CPU where it is built (``cpu_op``), route_value_reference elsewhere.
 See docs/performance.md.
 """
 from .routing import BACKENDS, fused_route_mix, fused_route_topk, route_topk_reference
 from .routing_triton import triton_available
 from .sparse_value import SPARSE_MIN_ATOMS_PER_K, SPARSE_MIN_ATOMS_PER_K_TRAINING, dense_value, sparse_value
+from .route_value import route_value, route_value_reference, uses_cpu_op
 
 __all__ = [
     "BACKENDS", "SPARSE_MIN_ATOMS_PER_K", "SPARSE_MIN_ATOMS_PER_K_TRAINING", "dense_value", "fused_route_mix", "fused_route_topk",
-    "route_topk_reference", "sparse_value", "triton_available",
+    "route_topk_reference", "route_value", "route_value_reference", "sparse_value", "triton_available", "uses_cpu_op",
 ]

@@ -28,10 +28,8 @@ ALL = "all"
 
 
 def routes(method) -> bool:
-    """Whether a method has routing weights (its strategy overrides mixture_weights)."""
-    from moram import Method
-
-    return type(method).mixture_weights is not Method.mixture_weights
+    """Whether a method has routing weights (the strategy's ``routes`` flag)."""
+    return type(method).routes
 
 
 def task_blocks(shards: Sequence[Any], prune_mass: float | None = None) -> dict[str, list[int]] | None:
