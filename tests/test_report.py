@@ -45,20 +45,32 @@ def test_paper_numbers_stand_beside_a_matching_setting_only():
                 "table": "Table 2", "row": "MoRAM", "note": ""}]
     matching = [record("m", "moram", 50.0, 1.0, tasks=ORDER_1)]
     other = [record("m", "moram", 50.0, 1.0, tasks=("C-STANCE", "FOMC"))]
-    assert summarize_runs(matching, anchors)[0].paper == {"OP": (77.6, "Table 2, MoRAM")}
+    assert summarize_runs(matching, anchors)[0].paper == {"OP": (77.6, "Table 2, MoRAM", None)}
     assert summarize_runs(other, anchors)[0].paper == {}
     assert setting_of(["agnews", "yahoo", "amazon", "dbpedia"]) == "standard-cl-4"
     assert setting_of(["FOMC"]) is None
     report = StudyReport("t", summarize_runs(matching, anchors), [])
     assert "50.00 ± - [77.6]" in report.markdown()
+    with_std = [{**anchors[0], "std": "0.4"}]
+    assert "50.00 ± - [77.6 ± 0.4]" in StudyReport("t", summarize_runs(matching, with_std), []).markdown()
+
+
+def test_a_bwt_anchor_of_unknown_variant_stands_beside_both_bwt_columns():
+    anchors = [{"setting": "standard-cl-4", "method": "moram", "metric": "BWT", "value": "1.5", "std": "",
+                "table": "README", "row": "MoRAM", "note": ""}]
+    runs = [record("m", "moram", 50.0, 2.0, tasks=ORDER_1, reference_forgetting_magnitude=1.0)]
+    group, = summarize_runs(runs, anchors)
+    assert group.paper == {"BWT_eq10": (1.5, "README, MoRAM", None), "forgetting_ref": (1.5, "README, MoRAM", None)}
+    text = StudyReport("t", [group], []).markdown()
+    assert "| 2.00 ± - [1.5] | 1.00 ± - [1.5] |" in text and "stands beside both" in text
 
 
 def test_the_shipped_anchor_file_has_the_columns():
     rows = load_anchors()
     text = __import__("importlib.resources").resources.files("moram_platform").joinpath(
         "data/paper_anchors.csv").read_text()
-    assert next(csv.reader(io.StringIO(text))) == ["setting", "model", "method", "metric", "value", "table", "row",
-                                                   "note"]
+    assert next(csv.reader(io.StringIO(text))) == ["setting", "model", "method", "metric", "value", "std", "table",
+                                                   "row", "note"]
     assert all(float(row["value"]) >= -100 for row in rows)
 
 
@@ -75,8 +87,10 @@ def test_the_shipped_paper_numbers_stand_beside_runs_of_the_same_setting_and_mod
                 for seed in range(2)]
 
     gemma, = summarize_runs(runs(TRACE_8, "google/gemma-2b-it"))
-    assert gemma.paper == {"OP": (36.27, "MoRAM README TRACE table, Gemma-2B-it / MoRAM"),
-                           "BWT_eq10": (2.74, "MoRAM README TRACE table, Gemma-2B-it / MoRAM")}
+    # its "Backward Transfer" does not say which variant: beside both BWT columns
+    source = "MoRAM README TRACE table, Gemma-2B-it / MoRAM"
+    assert gemma.paper == {"OP": (36.27, source, None), "BWT_eq10": (2.74, source, None),
+                           "forgetting_ref": (2.74, source, None)}
     assert "30.50 ± 0.71 [36.27]" in StudyReport("t", [gemma], []).markdown()
     olora, = summarize_runs(runs(TRACE_8, "/models/Llama-2-7b-chat-hf", method="olora"))
     assert olora.paper["OP"][0] == 42.78 and olora.paper["BWT_eq10"][0] == 7.16
@@ -100,7 +114,7 @@ def test_report_files(tmp_path):
     assert "| b | 50.00 | 80.00 |" in text           # the mean matrix
     rows = list(csv.DictReader(io.StringIO(report.csv())))
     assert rows[0] == {"method": "moram", "metric": "OP", "mean": "65.0000", "std": "7.0711", "n": "2", "paper": "",
-                       "paper_source": "", "runs": "m-s0 m-s1"}
+                       "paper_std": "", "paper_source": "", "runs": "m-s0 m-s1"}
     names = {p.name for p in report.write(tmp_path)}
     assert names == {"report.md", "report.csv", "metrics.png", "matrix_moram.png"}
 

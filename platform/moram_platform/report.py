@@ -66,7 +66,9 @@ class GroupSummary:
     mean_matrix: list[list[float]] | None
     matrix_columns: list[str]
     mean_routing: list[list[float]] | None = None
-    paper: dict[str, tuple[float, str]] = field(default_factory=dict)   # column -> (value, "Table x, row")
+    paper_rows: list[dict[str, str]] = field(default_factory=list)     # the anchor rows behind ``paper``
+    # column -> (value, "Table x, row", std or None)
+    paper: dict[str, tuple[float, str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class StudyReport:
             cells = [_cell(g.stats.get(c), g.paper.get(c)) for c in columns]
             lines.append(f"| {g.group} | {n} | " + " | ".join(cells) + " |")
         lines += ["", *[f"- **{name}**: {what}" for name, _, what in METRICS if name in columns]]
+        if any(row.get("metric") == "BWT" for g in self.groups for row in g.paper_rows):
+            lines.append(f"- a paper BWT in brackets under both BWT columns: {BWT_UNKNOWN}")
         if self.incomplete:
             lines += ["", f"Not finished (left out): {', '.join(self.incomplete)}"]
         for g in self.groups:
@@ -106,14 +110,15 @@ class StudyReport:
     def csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["method", "metric", "mean", "std", "n", "paper", "paper_source", "runs"])
+        writer.writerow(["method", "metric", "mean", "std", "n", "paper", "paper_std", "paper_source", "runs"])
         for g in self.groups:
             for column in self.columns():
                 if column in g.stats:
                     mean, std, n = g.stats[column]
-                    paper, source = g.paper.get(column, (None, ""))
+                    paper, source, paper_std = g.paper.get(column, (None, "", None))
                     writer.writerow([g.group, column, f"{mean:.4f}", "" if std is None else f"{std:.4f}", n,
-                                     "" if paper is None else paper, source, " ".join(g.runs)])
+                                     "" if paper is None else paper, "" if paper_std is None else paper_std,
+                                     source, " ".join(g.runs)])
         return out.getvalue()
 
     # -- files ---------------------------------------------------------------------------
@@ -143,7 +148,9 @@ def _cell(stat: tuple[float, float | None, int] | None, paper: tuple[float, str]
         return "-"
     mean, std, _ = stat
     text = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± -"
-    return text + (f" [{paper[0]:g}]" if paper else "")
+    if not paper:
+        return text
+    return text + (f" [{paper[0]:g}]" if paper[2] is None else f" [{paper[0]:g} ± {paper[2]:g}]")
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def summarize_runs(records: Sequence[RunRecord], anchors: list[dict[str, str]] |
         matrix, columns = _mean_matrix([m.matrix for m in members], [m.tasks for m in members])
         routing, _ = _mean_matrix([m.routing for m in members], [m.tasks for m in members])
         summary = GroupSummary(group, [m.run for m in members], stats, matrix, columns, routing)
-        summary.paper = _paper_numbers(anchors, group, members)
+        summary.paper, summary.paper_rows = _paper_numbers(anchors, group, members)
         summaries.append(summary)
     return summaries
 
@@ -218,18 +225,29 @@ def same_model(anchor_model: str, run_model: str) -> bool:
     return not anchor_model or (bool(run_model) and letters(anchor_model) in letters(run_model))
 
 
-def _paper_numbers(anchors: list[dict[str, str]], group: str, members: list[RunRecord]) -> dict[str, tuple]:
+# An anchor metric "BWT": a backward transfer whose source does not say which variant it is.
+BWT_UNKNOWN = ("the source does not say whether it is Eq. 10 or the official code's printed (1/T) Σ min(R[T][j] - "
+               "R[j][j], 0) as a magnitude (the MoRAM README's TRACE table), so it stands beside both")
+ANCHOR_COLUMNS = {"BWT": ("BWT_eq10", "forgetting_ref")}
+
+
+def _paper_numbers(anchors: list[dict[str, str]], group: str,
+                   members: list[RunRecord]) -> tuple[dict[str, tuple], list[dict[str, str]]]:
+    """({report column: (value, "table, row", std or None)}, the anchor rows used)."""
     settings = {setting_of(m.tasks, m.benchmark) for m in members}
     methods = {m.metrics.get("_method") for m in members} | {group}
     if len(settings) != 1 or None in settings:
-        return {}
+        return {}, []
     setting = settings.pop()
-    found = {}
+    found, rows = {}, []
     for row in anchors:
         model = row.get("model") or ""
         if row["setting"] == setting and row["method"] in methods and all(same_model(model, m.model) for m in members):
-            found[row["metric"]] = (float(row["value"]), f"{row['table']}, {row['row']}")
-    return found
+            std = float(row["std"]) if row.get("std") else None
+            for column in ANCHOR_COLUMNS.get(row["metric"], (row["metric"],)):
+                found[column] = (float(row["value"]), f"{row['table']}, {row['row']}", std)
+            rows.append(row)
+    return found, rows
 
 
 # -- reading MLflow -------------------------------------------------------------------------------
