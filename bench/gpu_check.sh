@@ -19,7 +19,8 @@
 #                                                                           -> kernels.xml, kernels.log
 #   layer       bench/layer_bench.py --device cuda (fp32 and bf16, the Triton `fused` rows)
 #                                                                           -> layer_bench.log
-#   model       bench/model_bench.py --device cuda: 1B LLaMA-shaped, bf16, vs PEFT LoRA, R = 8 56 128 256
+#   model       bench/model_bench.py --device cuda: 1B LLaMA-shaped, bf16, vs PEFT LoRA (default
+#               autocast_adapter_dtype) and the base, R = 56 128: train, prefill, decode per token at batch 1 4 8
 #                                                                           -> model_bench.json, .log
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +82,7 @@ for name in $STAGES; do
     kernels:*) stage kernels 150 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_kernels.py \
                  tests/test_functional.py --junitxml="$OUT/kernels.xml" ;;
     layer:*)   stage layer 150 $PY bench/layer_bench.py --device cuda --repeats 20 ;;
-    model:*)   stage model 270 $PY bench/model_bench.py --device cuda --atoms 8 56 128 256 \
+    model:*)   stage model 270 $PY bench/model_bench.py --device cuda --atoms 56 128 --repeats 5 \
                  --json "$OUT/model_bench.json" ;;
     *) echo "unknown stage $name (kernels, layer, model)"; exit 2 ;;
   esac

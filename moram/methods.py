@@ -93,10 +93,11 @@ class MoRAM(Method):
 
     def update(self, layer, h, x, y, current):
         """Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those. At
-        inference over the frozen bank: one call, ``kernels.route_value`` (routing, value and
-        residual; the C++ op on CPU)."""
+        inference over the frozen bank on CPU: one call, ``kernels.route_value`` (routing, value
+        and residual: the C++ op)."""
         delta = None if layer.training else layer.delta      # Eq. 8 acts at inference only
-        if not current and not (torch.is_grad_enabled() and h.requires_grad):
+        # (elsewhere, e.g. on CUDA, the Triton routing below serves inference as well)
+        if not current and not (torch.is_grad_enabled() and h.requires_grad) and kernels.uses_cpu_op(h):
             if layer.collect_stats:  # the weights for the statistics only: the output is route_value's
                 _, idx, w = kernels.fused_route_topk(h, layer.k, layer.tau, delta, layer.config.eps,
                                                      return_weights=True, ascending=False)
