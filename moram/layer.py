@@ -59,6 +59,15 @@ def base_features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"MoRAM wraps nn.Linear or transformers Conv1D, not {type(base).__name__}")
 
 
+def is_projection(module: nn.Module) -> bool:
+    """Whether MoRAM can wrap ``module`` (what ``base_features`` accepts)."""
+    try:
+        base_features(module)
+        return True
+    except (TypeError, AttributeError):
+        return False
+
+
 class MoRAMLayer(nn.Module):
     def __init__(self, base: nn.Module, config: MoRAMConfig, name: str = ""):
         super().__init__()

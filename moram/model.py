@@ -21,7 +21,7 @@ from torch import nn
 
 from .attention import split_multihead_attention
 from .config import MoRAMConfig, MoRAMConfigError
-from .layer import MoRAMLayer, base_features
+from .layer import MoRAMLayer, is_projection
 from .methods import METHODS, method_for
 from .persistence import Shard, ShardError, read_shard, shard_to_bytes
 
@@ -394,16 +394,8 @@ def _wants_split_attention(model: nn.Module, config: MoRAMConfig) -> bool:
     return has_mha and bool(_SPLIT_PROJECTIONS & set(targets))
 
 
-def _is_projection(module: nn.Module) -> bool:
-    try:
-        base_features(module)
-        return True
-    except (TypeError, AttributeError):
-        return False
-
-
 def _matching_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
-    projections = [name for name, m in model.named_modules() if name and _is_projection(m)]
+    projections = [name for name, m in model.named_modules() if name and is_projection(m)]
     if isinstance(targets, str):
         pattern = re.compile(targets)
         matched = [name for name in projections if pattern.fullmatch(name)]

@@ -3,28 +3,20 @@ the key and the cause, no partial version or stray temp file is left, and the sa
 succeeds once space is freed."""
 import errno
 import os
-import subprocess
 
 import pytest
 
 from moram_platform.registry import BaseModelRef, Registry, StorageError
 from moram_platform.testing.shards import synthetic_shard
+from fixtures.disk import small_tmpfs
 
 BASE = BaseModelRef("tiny-llama", "sha256:" + "0" * 64)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-    try:
+    with small_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def fill(folder) -> None:

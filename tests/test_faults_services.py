@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from moram_platform.registry import Registry, manifest_key
 from fixtures.paths import PROJECT_ROOT
 from fixtures.tiny_lm import tiny_trace_job
+from fixtures.disk import small_tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(2400)]
 TASKS = ["C-STANCE", "FOMC"]
@@ -138,16 +139,8 @@ def test_s3_lost_during_an_evaluation_keeps_the_recorded_scores_and_the_rerun_fi
 # -- a full disk under the local SQLite MLflow store ----------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def fill(folder: Path) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 
 from moram import get_moram_model
 from moram.config import MoRAMConfigError
-from moram.layer import MoRAMLayer, base_features
+from moram.layer import MoRAMLayer, base_features, is_projection
 
 from .benchmark import get_benchmark
 from .config import ConfigError, JobConfig
@@ -51,7 +51,7 @@ def check_model_structure(config: JobConfig, benchmark=None) -> None:
 
 
 def _check_targets(targets: list[str] | str, modules: dict[str, nn.Module], wrapped: dict) -> None:
-    projections = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if _is_projection(module)})
+    projections = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if is_projection(module)})
     if isinstance(targets, str):
         if not wrapped:
             raise ConfigError(f"moram.target_modules: the regex {targets!r} matches no nn.Linear/Conv1D module "
@@ -66,7 +66,7 @@ def _check_targets(targets: list[str] | str, modules: dict[str, nn.Module], wrap
             hint = f"nearest: {nearest}" if nearest else "none is close"
             raise ConfigError(f"moram.target_modules: {target!r} names no module of this model ({hint}; "
                               f"its projections are named {projections})")
-        if not any(_is_projection(module) for module in matching):
+        if not any(is_projection(module) for module in matching):
             kinds = sorted({type(module).__name__ for module in matching})
             raise ConfigError(f"moram.target_modules: {target!r} names {'/'.join(kinds)} modules, which MoRAM "
                               f"cannot wrap (it wraps nn.Linear and Conv1D); this model's projections are "
@@ -108,14 +108,6 @@ def _modules(model: nn.Module) -> dict[str, nn.Module]:
             module = module.base
         found[name] = module
     return found
-
-
-def _is_projection(module: nn.Module) -> bool:
-    try:
-        base_features(module)
-        return True
-    except (TypeError, AttributeError):
-        return False
 
 
 def _first_line(error: BaseException) -> str:

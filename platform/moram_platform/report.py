@@ -194,12 +194,12 @@ def _mean_matrix(matrices: list, orders: list[list[str]]) -> tuple[list[list[flo
     return mean, columns
 
 
-# -- paper anchors ------------------------------------------------------------------------------
 def _mean_or_none(values: list[float | None]) -> float | None:
     """A cell's mean over runs; None where a run's eval.schedule did not evaluate it."""
     return None if any(v is None for v in values) else statistics.fmean(values)
 
 
+# -- paper anchors ------------------------------------------------------------------------------
 def load_anchors(path: str | Path | None = None) -> list[dict[str, str]]:
     """Rows of the paper-anchor file: setting, model, method, metric, value, table, row, note."""
     if path is None:

@@ -44,8 +44,8 @@ from ..config import ConfigError, JobConfig, apply_override, config_from_dict, r
 from ..names import name_problem
 from ..sections import AtLeastOne, Real, Section, Str, first_per_key, rule
 from ..tracking import AXES_TAG, LABEL_TAG_PREFIX, STUDY_TAG
-from .resources import training_trial_share
 from ..schedule import KNOWN_METRICS, check_gives, cheapest_for
+from .resources import training_trial_share
 from .space import set_path
 from .runner import check_name, sequence_rows, trial_concurrency, tune_resources, tuner
 from .tracking import SweepTracker
