@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             results.append(run(name, variant, args.out.resolve(), args.data_root))
             print(table(results), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after every run: a crash or a stop late in the bench keeps what was measured
+                args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
