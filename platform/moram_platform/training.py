@@ -8,6 +8,7 @@ and returns the task's shard.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -144,6 +145,10 @@ def train_task(
         micro_batches = list(batches(shard_for_worker(examples, config, task_index, progress.epoch, world),
                                      config.train.micro_batch_size))
         for index in range(progress.micro_batch, len(micro_batches)):
+            # This micro-batch's randomness (image augmentation, dropout) depends on where it sits
+            # in the task, not on what ran before it: a task resumed from a checkpoint draws what an
+            # uninterrupted one draws (the X-TAIL kill drill, tests/test_faults_services.py).
+            torch.manual_seed(micro_batch_seed(config.run.seed, task_index, progress.epoch, index, world.rank))
             batch = _to_device(benchmark.collate(config, processor, task, micro_batches[index]), world.device)
             loss = engine.loss(batch)
             engine.backward(loss)
@@ -292,6 +297,12 @@ def read_carry(config: JobConfig, task_index: int, folder: str | os.PathLike | N
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def micro_batch_seed(seed: int, task_index: int, epoch: int, micro_batch: int, rank: int) -> int:
+    """The torch seed of one micro-batch: distinct per task, epoch, micro-batch and worker."""
+    key = f"{seed}/{task_index}/{epoch}/{micro_batch}/{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # torch takes < 2**63
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
