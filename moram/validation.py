@@ -22,9 +22,18 @@ def error_lines(error: pydantic.ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
+# The kinds YAML gives: a bool is not an integer (``true`` is no ``1``), an int stands for a float.
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_integer(value: Any, minimum: int) -> int:
     """An int (not a bool) >= ``minimum``, else ValueError("must be an integer >= minimum")."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"must be an integer >= {minimum}")
     return value
 
@@ -32,7 +41,7 @@ def check_integer(value: Any, minimum: int) -> int:
 def check_real(value: Any, rule: str, ok: Callable[[float], bool]) -> float:
     """A finite number (not a bool) for which ``ok`` holds, else ValueError(rule). ``rule``
     says what the value must be, without the key (``"must be > 0"``): the line names it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if not is_number(value) or not math.isfinite(value) or not ok(value):
         raise ValueError(rule)
     return value
 

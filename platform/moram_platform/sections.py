@@ -15,6 +15,8 @@ from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
+from moram.validation import is_integer, is_number  # one notion of "an integer" for moram.* and the platform
+
 SECTION_CONFIG = ConfigDict(extra="forbid", validate_default=False)
 
 
@@ -56,18 +58,10 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-Int = Annotated[int, _kind(_is_int, "must be an integer")]
+Int = Annotated[int, _kind(is_integer, "must be an integer")]
 Bool = Annotated[bool, _kind(lambda v: isinstance(v, bool), "must be true or false")]
 Str = Annotated[str, _kind(lambda v: isinstance(v, str), "must be a string")]
-Real = Annotated[float, _kind(_is_real, "must be a number", _yaml_number), rule(math.isfinite, "must be a finite number")]
+Real = Annotated[float, _kind(is_number, "must be a number", _yaml_number), rule(math.isfinite, "must be a finite number")]
 AtLeastOne = Annotated[Int, rule(lambda v: v >= 1, "must be >= 1")]
 AtLeastZero = Annotated[Int, rule(lambda v: v >= 0, "must be >= 0")]
 OneOrNone = Annotated[Int, rule(lambda v: v >= 1, "must be >= 1 or null")]
