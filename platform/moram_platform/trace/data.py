@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..registry.errors import InvalidURIError, ObjectNotFoundError, StorageError
+from ..registry.storage import LocalStorage, open_storage
+
 TRACE_ORDER = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
 STANDARD_CL_TASKS = ["agnews", "amazon", "yelp", "dbpedia", "yahoo", "MNLI", "QQP", "RTE", "SST-2", "WiC",
                      "CB", "COPA", "BoolQA", "MultiRC", "IMDB"]
@@ -47,94 +50,55 @@ class TraceExample:
     answer: str
 
 
-# -- storage: a local folder or an S3 prefix ------------------------------------------------
-class _LocalRoot:
-    def __init__(self, path: Path):
-        self.path = path
+# -- storage: a local folder or an S3 prefix, through the registry's storage backends -------
+class _DataRoot:
+    """A TRACE data root read through ``registry.storage`` (one S3 client setup, one error
+    translation for the whole platform); ``read`` returns None for a missing file so that the
+    caller can say which splits the task does have."""
+
+    def __init__(self, root: str | Path):
+        try:
+            self.storage = open_storage(root)
+        except InvalidURIError as error:
+            raise TraceDataError(f"TRACE data root: {error}") from None
+
+    def _key(self, parts: tuple[str, ...]) -> str:
+        if any(not part or "/" in part or part in (".", "..") for part in parts):
+            raise TraceDataError(f"{'/'.join(parts)!r}: not a task folder or file name")
+        return "/".join(parts)
 
     def where(self, *parts: str) -> str:
-        return str(self.path.joinpath(*parts))
+        if isinstance(self.storage, LocalStorage):  # the path as a user types it, not a file:// URI
+            return str(self.storage.root.joinpath(*parts))
+        return self.storage.where(self._key(parts)) if parts else self.storage.uri
 
     def read(self, *parts: str) -> bytes | None:
-        file = self.path.joinpath(*parts)
-        return file.read_bytes() if file.is_file() else None
+        try:
+            return self.storage.read(self._key(parts))
+        except ObjectNotFoundError:
+            return None
+        except StorageError as error:
+            raise TraceDataError(str(error)) from None  # it names the object
 
     def exists(self, *parts: str) -> bool:
-        return self.path.joinpath(*parts).is_file()
-
-    def has_task(self, task: str) -> bool:
-        return (self.path / task).is_dir()
-
-    def tasks(self) -> list[str]:
-        if not self.path.is_dir():
-            raise TraceDataError(f"TRACE data root {self.path} does not exist or is not a folder")
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and any(p.glob("*.json")))
-
-
-class _S3Root:
-    """Reads single JSON objects (get_object); lists only to explain a missing task."""
-
-    def __init__(self, uri: str, client=None):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
-        if not bucket:
-            raise TraceDataError(f"TRACE data root {uri!r}: expected s3://bucket/prefix")
-        self.uri = uri.rstrip("/")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
-        self._client = client
-
-    @property
-    def client(self):
-        if self._client is None:
-            import boto3  # the standard AWS chain: env variables, config files, instance roles
-
-            self._client = boto3.client("s3")
-        return self._client
-
-    def _key(self, *parts: str) -> str:
-        return "/".join(p for p in (self.prefix, *parts) if p)
-
-    def where(self, *parts: str) -> str:
-        return f"s3://{self.bucket}/{self._key(*parts)}"
-
-    def read(self, *parts: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(*parts))["Body"].read()
-        except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise TraceDataError(f"{self.where(*parts)}: cannot read ({code or err})") from err
-
-    def exists(self, *parts: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(*parts))
-            return True
-        except ClientError:
+            return self.storage.exists(self._key(parts))
+        except StorageError:
             return False
 
     def has_task(self, task: str) -> bool:
-        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(task) + "/", MaxKeys=1)
-        return listed.get("KeyCount", 0) > 0
+        return bool(self._children(task))
 
     def tasks(self) -> list[str]:
-        prefix = self._key() + "/" if self.prefix else ""
-        paginator = self.client.get_paginator("list_objects_v2")
-        names = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-        return sorted(names)
+        if isinstance(self.storage, LocalStorage) and not self.storage.root.is_dir():
+            raise TraceDataError(f"TRACE data root {self.storage.root} does not exist or is not a folder")
+        return [name for name in self._children() if any(n.endswith(".json") for n in self._children(name))]
 
-
-def _open_root(root: str | Path, s3_client=None) -> _LocalRoot | _S3Root:
-    if isinstance(root, str) and root.startswith("s3://"):
-        return _S3Root(root, s3_client)
-    if isinstance(root, str) and root.startswith("file://"):
-        root = root[len("file://"):]
-    return _LocalRoot(Path(root))
+    def _children(self, *parts: str) -> list[str]:
+        try:
+            return self.storage.children(self._key(parts) if parts else "")
+        except StorageError as error:
+            raise TraceDataError(str(error)) from None
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -181,9 +145,9 @@ def _parse_labels(raw: bytes, where: str) -> list[str]:
 
 
 # -- public API ------------------------------------------------------------------------------
-def available_tasks(root: str | Path, *, s3_client=None) -> list[str]:
+def available_tasks(root: str | Path) -> list[str]:
     """The task folders under ``root``, sorted."""
-    return _open_root(root, s3_client).tasks()
+    return _DataRoot(root).tasks()
 
 
 def _unknown_task_error(store, task: str) -> TraceDataError:
@@ -210,35 +174,34 @@ def _read_split(store, task: str, split: str) -> list[TraceExample]:
     return _parse_examples(raw, store.where(task, f"{split}.json"))
 
 
-def load_split(root: str | Path, task: str, split: str, *, max_examples: int | None = None,
-               s3_client=None) -> list[TraceExample]:
+def load_split(root: str | Path, task: str, split: str, *,
+               max_examples: int | None = None) -> list[TraceExample]:
     """The examples of ``<root>/<task>/<split>.json``, validated, in file order.
 
     ``max_examples`` keeps the first n (deterministic); the whole file is still validated.
-    ``s3_client`` overrides the default ``boto3.client("s3")`` for ``s3://`` roots.
+    An ``s3://`` root is read with boto3's standard chain (the registry's S3 backend).
     """
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise ValueError(f"max_examples: must be a positive integer or None, got {max_examples!r}")
-    examples = _read_split(_open_root(root, s3_client), task, split)
+    examples = _read_split(_DataRoot(root), task, split)
     return examples[:max_examples] if max_examples is not None else examples
 
 
-def load_labels(root: str | Path, task: str, *, s3_client=None) -> list[str] | None:
+def load_labels(root: str | Path, task: str) -> list[str] | None:
     """The label strings of a classification task (``labels.json``), or None where it has none."""
-    store = _open_root(root, s3_client)
+    store = _DataRoot(root)
     raw = store.read(task, LABELS_FILE)
     return None if raw is None else _parse_labels(raw, store.where(task, LABELS_FILE))
 
 
-def validate_tasks(root: str | Path, tasks: Iterable[str], splits: Sequence[str] = SPLITS, *,
-                   s3_client=None) -> dict[str, dict[str, int]]:
+def validate_tasks(root: str | Path, tasks: Iterable[str], splits: Sequence[str] = SPLITS) -> dict[str, dict[str, int]]:
     """Check every ``(task, split)`` file (and ``labels.json`` where present) before any work.
 
     Returns ``{task: {split: number of examples}}``. Raises one ``TraceDataError`` listing every
     problem found, so a bad order is fixed in one go rather than one failed run at a time.
     """
-    store = _open_root(root, s3_client)
+    store = _DataRoot(root)
     counts: dict[str, dict[str, int]] = {}
     problems: list[str] = []
     for task in tasks:
