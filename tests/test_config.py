@@ -72,9 +72,9 @@ BAD_JOB_CONFIGS = [
     ({"data": {"max_eval_examples": 0}}, "data.max_eval_examples"),
     ({"data": {"max_eval_examples": -3}}, "data.max_eval_examples"),
     ({"data": {"eval_split": "train"}}, "data.eval_split"),
-    ({"data": {"max_prompt_tokens": 0}}, "data.max_prompt_tokens"),
-    ({"data": {"max_answer_tokens": 0}}, "data.max_answer_tokens"),
-    ({"data": {"long_prompt_tasks": {"MeetingBank": 0}}}, "data.long_prompt_tasks.MeetingBank"),
+    ({"trace": {"max_prompt_tokens": 0}}, "trace.max_prompt_tokens"),
+    ({"trace": {"max_answer_tokens": 0}}, "trace.max_answer_tokens"),
+    ({"trace": {"long_prompt_tasks": {"MeetingBank": 0}}}, "trace.long_prompt_tasks.MeetingBank"),
     ({**TWO_TASKS, "train": {"epochs": [1]}}, "train.epochs"),            # shorter than data.tasks
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"train": {"epochs": []}}, "train.epochs"),
@@ -152,6 +152,27 @@ def test_every_bad_key_is_reported_at_once_one_line_each():
     lines = str(error.value).splitlines()
     assert [line.split(":")[0] for line in lines] == ["train.lr", "train.micro_batch_size", "eval.batch_size"]
     assert lines[0] == "train.lr: must be > 0, got 0"
+
+
+def test_trace_token_budgets_live_in_the_trace_section_and_the_old_keys_are_refused():
+    # TRACE's prompt/answer budgets are TRACE's: `trace:` (an X-TAIL config has no such keys);
+    # the old data.* names fail with one line per key naming the new place, never a silent default.
+    config = config_from_dict({"trace": {"max_prompt_tokens": 96, "long_prompt_tasks": {"FOMC": 128}}})
+    assert (config.trace.max_prompt_tokens, config.trace.max_answer_tokens) == (96, 512)
+    assert config.trace.long_prompt_tasks == {"FOMC": 128}
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"data": {"max_prompt_tokens": 96, "max_answer_tokens": 8}})
+    assert str(error.value).splitlines() == [
+        "data.max_prompt_tokens: moved to trace.max_prompt_tokens; write it as trace: max_prompt_tokens (its own "
+        "section)",
+        "data.max_answer_tokens: moved to trace.max_answer_tokens; write it as trace: max_answer_tokens (its own "
+        "section)"]
+    with pytest.raises(ConfigError, match=r"^data\.long_prompt_tasks: moved to trace\.long_prompt_tasks"):
+        load_config(None, ["data.long_prompt_tasks={MeetingBank: 4096}"])
+    with pytest.raises(ConfigError, match=r"^data: unknown key max_prompt_tokens|^data\.max_prompt_tokens"):
+        config_from_dict({"benchmark": "xtail", "data": {**XTAIL_ROOT, "max_prompt_tokens": 96}})
+    with pytest.raises(ConfigError, match=r"^trace: "):
+        config_from_dict({"benchmark": "xtail", "data": XTAIL_ROOT, "trace": {"max_prompt_tokens": 96}})
 
 
 def test_epochs_list_must_cover_every_task():

@@ -49,9 +49,11 @@ JOB_KEYS = {
     # data
     "data.root": NAME + ["null"], "data.tasks": ["[]", "FOMC", "[FOMC, FOMC]", "[1]", "['']", "null"],
     "data.max_train_examples": POSITIVE_INT, "data.max_eval_examples": POSITIVE_INT,
-    "data.eval_split": CHOICE + ["train"], "data.max_prompt_tokens": POSITIVE_INT + ["null"],
-    "data.long_prompt_tasks": ["[1]", "{FOMC: 0}", "{FOMC: -1}", "{FOMC: abc}", "abc", "{MeetingBnk: 4096}"],
-    "data.max_answer_tokens": POSITIVE_INT,
+    "data.eval_split": CHOICE + ["train"],
+    # trace (the benchmark's own section; the same keys under data: are refused as moved)
+    "trace.max_prompt_tokens": POSITIVE_INT + ["null"],
+    "trace.long_prompt_tasks": ["[1]", "{FOMC: 0}", "{FOMC: -1}", "{FOMC: abc}", "abc", "{MeetingBnk: 4096}"],
+    "trace.max_answer_tokens": POSITIVE_INT,
     # train
     "train.epochs": ["0", "-1", "1.5", "abc", "[]", "[1, 0, 1]", "[1, 2]", "true"],
     "train.max_steps": POSITIVE_INT, "train.lr": POSITIVE_REAL + ["null"], "train.lr_schedule": CHOICE,

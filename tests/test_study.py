@@ -25,8 +25,8 @@ def smoke_job(tmp_path, trace_root, tracking_uri="sqlite:///unused.db", experime
         "model": {"source": "smollm2", "dtype": "float32"},
         "moram": {"method": "moram", "target_modules": ["q_proj", "v_proj"], "r": 2, "k": 2, "tau": 0.03,
                   "delta": 0.0, "dropout": 0.0, "prune_mass": None},
-        "data": {"root": str(trace_root), "tasks": TASKS, "max_train_examples": 2, "max_eval_examples": 2,
-                 "max_prompt_tokens": 48, "max_answer_tokens": 4},
+        "data": {"root": str(trace_root), "tasks": TASKS, "max_train_examples": 2, "max_eval_examples": 2},
+        "trace": {"max_prompt_tokens": 48, "max_answer_tokens": 4},
         "train": {"epochs": 1, "lr": 2.0e-3, "global_batch_size": 2, "micro_batch_size": 2, "precision": "fp32",
                   "engine": "torch"},
         "eval": {"max_new_tokens": 2, "batch_size": 2, "baseline": False},   # FWT: tests/test_report.py

@@ -18,7 +18,7 @@ SMOKE = PROJECT_ROOT / "jobs" / "configs" / "trace" / "smollm2-135m_moram_cpu-sm
 TASKS = ["C-STANCE", "FOMC", "ScienceQA"]
 SHORT = [  # small enough for 2 CPU cores, big enough to train every layer's atoms
     f"data.root={TRACE_500}", "data.max_train_examples=8", "data.max_eval_examples=2",
-    "data.max_prompt_tokens=96", "train.global_batch_size=4", "train.micro_batch_size=2",
+    "trace.max_prompt_tokens=96", "train.global_batch_size=4", "train.micro_batch_size=2",
     "eval.max_new_tokens=4", "eval.batch_size=2",
 ]
 
@@ -88,7 +88,7 @@ def test_sequence_on_ray_train_with_s3_registry_and_mlflow_then_resume(tmp_path,
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
     params = parent.data.params                                   # what shapes the result, nothing else
     assert not any(k.startswith(("xtail.", "registry.", "mlflow.", "scaling.")) for k in params)
-    assert (params["data.max_prompt_tokens"], params["eval.max_new_tokens"]) == ("96", "4")
+    assert (params["trace.max_prompt_tokens"], params["eval.max_new_tokens"]) == ("96", "4")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_matrix.csv", "accuracy_matrix.png", "resolved_config.yaml"} <= artifacts
     for index, child in enumerate(children):

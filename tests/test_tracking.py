@@ -36,21 +36,21 @@ def tracker(tracking_uri, request):
 
 def test_the_credential_filter_drops_secrets_and_keeps_token_budgets():
     flat = flatten({
-        "data": {"max_prompt_tokens": 96, "max_answer_tokens": 32, "tokenizer": "smollm2"},
+        "trace": {"max_prompt_tokens": 96, "max_answer_tokens": 32, "tokenizer": "smollm2"},
         "eval": {"max_new_tokens": 4},
         "storage": {"aws_secret_access_key": "s3cr3t", "AWS_ACCESS_KEY_ID": "AKIA", "token": "t",
                     "hf_token": "t", "session_token": "t", "apiKey": "k", "api_key": "k", "password": "p",
                     "db-passwd": "p", "credentials": {"user": "u"}, "private_key": "k",
                     "uri": "s3://user:pw@host:9000/bucket"},
     })
-    assert flat == {"data.max_prompt_tokens": "96", "data.max_answer_tokens": "32", "data.tokenizer": "smollm2",
+    assert flat == {"trace.max_prompt_tokens": "96", "trace.max_answer_tokens": "32", "trace.tokenizer": "smollm2",
                     "eval.max_new_tokens": "4", "storage.uri": "s3://***@host:9000/bucket"}
 
 
 def test_params_are_the_sections_the_benchmark_computes_with():
     trace = flatten(sequence_params(load_config(TRACE_SMOKE)))
     assert not any(key.startswith(("xtail.", "run.output_dir", "registry.", "mlflow.", "scaling.")) for key in trace)
-    assert {"benchmark", "run.seed", "data.max_prompt_tokens", "data.max_answer_tokens", "eval.max_new_tokens",
+    assert {"benchmark", "run.seed", "trace.max_prompt_tokens", "trace.max_answer_tokens", "eval.max_new_tokens",
             "train.lr", "moram.method", "moram.r", "moram.k", "moram.tau", "moram.delta", "moram.prune_mass"} <= set(trace)
     assert "train.max_steps" not in trace                      # unset (None): not a param
     assert trace["moram.tau"] == "0.03" and len(trace) < 45

@@ -67,7 +67,7 @@ def test_every_worker_gets_an_equal_disjoint_share():
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_a_task_interrupted_and_resumed_from_its_checkpoint_matches_one_run(engine, tmp_path):
     config = load_config(SMOKE, [
-        f"data.root={TRACE_500}", "data.tasks=[FOMC]", "data.max_train_examples=12", "data.max_prompt_tokens=64",
+        f"data.root={TRACE_500}", "data.tasks=[FOMC]", "data.max_train_examples=12", "trace.max_prompt_tokens=64",
         "train.global_batch_size=4", "train.micro_batch_size=2", "scaling.num_workers=1", f"train.engine={engine}",
         "moram.dropout=0.0", "train.checkpoint_every_steps=1",
     ]).with_absolute_paths()
@@ -173,7 +173,7 @@ def test_train_task_carries_the_optimizer_into_the_next_task(mode, tmp_path, tin
     # and its block continues task 0's trained atoms; with "fresh" it starts from new atoms.
     config = load_config(SMOKE, [
         f"model.source={tiny_lm_dir}", f"data.root={TRACE_500}", "data.tasks=[FOMC, C-STANCE]",
-        "data.max_train_examples=4", "data.max_prompt_tokens=48", "data.max_answer_tokens=4",
+        "data.max_train_examples=4", "trace.max_prompt_tokens=48", "trace.max_answer_tokens=4",
         "train.epochs=1", "train.global_batch_size=2", "train.micro_batch_size=2", "scaling.num_workers=1", "moram.dropout=0.0",
         "moram.prune_mass=null", "moram.target_modules=[q_proj, v_proj]", f"train.optimizer_across_tasks={mode}",
     ]).with_absolute_paths()

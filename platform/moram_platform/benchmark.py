@@ -30,7 +30,8 @@ class BenchmarkEntry:
 
 
 BENCHMARKS: dict[str, BenchmarkEntry] = {
-    "trace": BenchmarkEntry("moram_platform.trace.benchmark:TraceBenchmark"),
+    "trace": BenchmarkEntry("moram_platform.trace.benchmark:TraceBenchmark",
+                            section="moram_platform.trace.config:TraceSection"),
     "xtail": BenchmarkEntry("moram_platform.xtail.benchmark:XTailBenchmark",
                             section="moram_platform.xtail.config:XTailSection"),
 }
@@ -41,6 +42,7 @@ class Benchmark(Protocol):
     moram_defaults: dict[str, Any]   # moram.* values used when the config leaves them out
     # section -> key -> value, for the keys a config leaves out (data.tasks, data.root, train.epochs...)
     config_defaults: dict[str, dict[str, Any]]
+    renamed_keys: dict[str, str]     # old key path -> new one: a config still using the old is refused
 
     # -- the config, before anything starts ------------------------------------------------------
     def validate_config(self, config: JobConfig) -> list[str]:

@@ -89,11 +89,6 @@ class DataSection(Section):
                                                                   "all)")
     eval_split: Annotated[Str, one_of("eval", "test")] = Field("test", description="the split tasks are scored "
                                                                                    "on: eval | test")
-    max_prompt_tokens: AtLeastOne = Field(1024, description="prompts are truncated (from the left) to this many "
-                                                            "tokens")
-    long_prompt_tasks: dict[NonEmptyStr, AtLeastOne] = Field(
-        default_factory=lambda: {"MeetingBank": 4096}, description="task -> its own max_prompt_tokens")
-    max_answer_tokens: AtLeastOne = Field(512, description="training answers are truncated to this many tokens")
 
 
 def _epochs_value(value: Any) -> Any:
@@ -359,6 +354,9 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
     benchmark = raw.get("benchmark", JobConfig.model_fields["benchmark"].default)
     model = config_model(benchmark) if isinstance(benchmark, str) and benchmark in BENCHMARKS else JobConfig
     if isinstance(benchmark, str) and benchmark in BENCHMARKS:
+        moved = _renamed_keys(raw, benchmark_class(benchmark).renamed_keys)
+        if moved:
+            raise ConfigError("\n".join(moved))
         raw = with_benchmark_defaults(raw, benchmark_class(benchmark).config_defaults)
     try:
         config = model.model_validate(raw)
@@ -372,6 +370,18 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def _renamed_keys(raw: dict[str, Any], renamed: dict[str, str]) -> list[str]:
+    """One line per key the config sets under a name the benchmark has moved (old -> new)."""
+    lines = []
+    for old, new in renamed.items():
+        try:
+            get_path(raw, old)
+        except (KeyError, TypeError):
+            continue
+        lines.append(f"{old}: moved to {new}; write it as {new.replace('.', ': ', 1)} (its own section)")
+    return lines
 
 
 def with_benchmark_defaults(raw: dict[str, Any], defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:

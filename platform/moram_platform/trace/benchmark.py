@@ -15,6 +15,7 @@ from .. import causal_lm
 from ..benchmark import summary_from
 from ..causal_lm import DTYPES, SMOLLM2, SMOLLM2_ID
 from ..config import ConfigError, JobConfig
+from .config import RENAMED_KEYS
 from .data import TraceDataError, load_split, validate_tasks
 from .evaluate import PROFILES, evaluate_task
 from .task_metrics import TASK_METRIC
@@ -51,6 +52,7 @@ class TraceBenchmark:
     config_defaults: dict[str, dict[str, Any]] = {
         "data": {"root": "../shared/datasets/TRACE-500", "tasks": TRACE_500_ORDER},
         "train": {"epochs": [2, 1, 3, 2, 1, 2, 2, 3]}}
+    renamed_keys = RENAMED_KEYS
 
     summary_columns = tuple(SUMMARY.values())
     eval_profiles = tuple(PROFILES)
@@ -67,9 +69,9 @@ class TraceBenchmark:
     def validate_config(self, config: JobConfig) -> list[str]:
         if config.eval.profile is not None and config.eval.profile not in PROFILES:
             return [f"eval.profile: must be one of {list(PROFILES)}, got {config.eval.profile!r}"]
-        unknown = sorted(set(config.data.long_prompt_tasks) - set(TASK_METRIC))   # a typo would be ignored
+        unknown = sorted(set(config.trace.long_prompt_tasks) - set(TASK_METRIC))   # a typo would be ignored
         if unknown:
-            return [f"data.long_prompt_tasks: names tasks TRACE does not know: {unknown}; known: {sorted(TASK_METRIC)}"]
+            return [f"trace.long_prompt_tasks: names tasks TRACE does not know: {unknown}; known: {sorted(TASK_METRIC)}"]
         return []
 
     def eval_size(self, config: JobConfig, task: str) -> int:
@@ -127,5 +129,5 @@ class TraceBenchmark:
 
 
 def _tokenization(config: JobConfig) -> TokenizationConfig:
-    data = config.data
-    return TokenizationConfig(data.max_prompt_tokens, data.max_answer_tokens, dict(data.long_prompt_tasks))
+    section = config.trace
+    return TokenizationConfig(section.max_prompt_tokens, section.max_answer_tokens, dict(section.long_prompt_tasks))

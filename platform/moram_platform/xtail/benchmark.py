@@ -73,6 +73,7 @@ class XTailBenchmark:
                                       "delta": 0.2, "prune_mass": None, "dropout": 0.0, "alpha": 16.0}
     # The ten domains in the official order; 500 iterations per domain (XTAIL/runner_moram.sh).
     # data.root has no default: where the user keeps the images.
+    renamed_keys: dict[str, str] = {}
     config_defaults: dict[str, dict[str, Any]] = {"data": {"tasks": list(XTAIL_DOMAINS)},
                                                   "train": {"epochs": None, "max_steps": 500}}
 
