@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moram import load_causal_lm, model_fingerprint
@@ -116,7 +117,7 @@ class TraceBenchmark:
         return self._collators[key](examples)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss  # mean over answer tokens: labels are -100 elsewhere
+        return answer_token_loss(model, batch)
 
     def evaluate(self, config: JobConfig, model: nn.Module, processor: Any, task: str,
                  progress: bool = True) -> dict[str, Any]:
@@ -131,3 +132,21 @@ class TraceBenchmark:
 def _tokenization(config: JobConfig) -> TokenizationConfig:
     section = config.trace
     return TokenizationConfig(section.max_prompt_tokens, section.max_answer_tokens, dict(section.long_prompt_tasks))
+
+
+def answer_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of Hugging Face's ``model(**batch).loss`` -- the mean cross-entropy of
+    the answer tokens (labels are -100 elsewhere), each predicted from the position before it --
+    with the vocabulary projection computed only at those positions (``logits_to_keep`` as a
+    boolean mask). A standard-CL prompt of ~300 tokens has a ~5-token answer: projecting every
+    position onto SmolLM2's 49k-token vocabulary, and its log-softmax and backward, was about a
+    fifth of a training step's compute for nothing (docs/performance.md)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = scored                         # position t predicts token t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits   # [scored tokens, vocabulary]
+    return F.cross_entropy(logits.float(), targets[scored])
+
