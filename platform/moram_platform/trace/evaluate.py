@@ -221,7 +221,8 @@ def _pad_after_prefix(prompts: Sequence[Sequence[int]], shared: int) -> dict[str
 
 def _prefix_cache(model, prefix: Sequence[int], rows: int, device: torch.device):
     """The KV cache of ``prefix`` run once, repeated for ``rows`` rows; generate continues it."""
-    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).cache
+    ids = torch.tensor([list(prefix)], device=device)
+    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).cache  # the cache is what is used
     cache.batch_repeat_interleave(rows)
     return cache
 
