@@ -8,7 +8,7 @@ from moram import MoRAMConfig, get_moram_model, read_shard
 from moram_platform.benchmark import get_benchmark
 from moram_platform.config import load_config
 from moram_platform.engine import build_engine, lr_schedule
-from moram_platform.training import World, shard_for_worker, train_task
+from moram_platform.training import World, micro_batch_seed, shard_for_worker, train_task
 from fixtures.models import tiny_llama
 from fixtures.paths import PROJECT_ROOT, TRACE_500
 
@@ -69,7 +69,10 @@ def test_a_task_interrupted_and_resumed_from_its_checkpoint_matches_one_run(engi
     config = load_config(SMOKE, [
         f"data.root={TRACE_500}", "data.tasks=[FOMC]", "data.max_train_examples=12", "trace.max_prompt_tokens=64",
         "train.global_batch_size=4", "train.micro_batch_size=2", "scaling.num_workers=1", f"train.engine={engine}",
-        "moram.dropout=0.0", "train.checkpoint_every_steps=1",
+        # dropout on: its masks come from per-micro-batch seeds (training.micro_batch_seed), so
+        # the resumed steps draw what the uninterrupted ones drew (with one task-level seed they
+        # would not, and B would differ)
+        "moram.dropout=0.1", "train.checkpoint_every_steps=1",
     ]).with_absolute_paths()
     benchmark = get_benchmark("trace")
     checkpoints = {}
@@ -89,8 +92,17 @@ def test_a_task_interrupted_and_resumed_from_its_checkpoint_matches_one_run(engi
     assert resumed.progress.losses[:1] == whole.progress.losses[:1]   # restored history
     a, b = read_shard(whole.shard), read_shard(resumed.shard)
     for name in a.layer_names:
-        torch.testing.assert_close(b.layer(name)["B"], a.layer(name)["B"], rtol=1e-4, atol=1e-6)
+        for field in ("A", "B", "routing_mass"):
+            torch.testing.assert_close(b.layer(name)[field], a.layer(name)[field], rtol=1e-4, atol=1e-6,
+                                       msg=f"{name}.{field}")
     assert whole.metrics()["atoms_added"] == 30 * 4 * 8
+
+
+def test_micro_batch_seeds_differ_by_task_epoch_micro_batch_and_worker():
+    seeds = {micro_batch_seed(42, task, epoch, index, rank)
+             for task in range(3) for epoch in range(3) for index in range(50) for rank in range(4)}
+    assert len(seeds) == 3 * 3 * 50 * 4 and all(0 <= s < 2**63 for s in seeds)
+    assert micro_batch_seed(42, 1, 0, 7, 0) == micro_batch_seed(42, 1, 0, 7, 0) != micro_batch_seed(43, 1, 0, 7, 0)
 
 
 # -- train.optimizer_across_tasks: carry (the official TRACE code's optimizer; docs/parity.md M2) --
