@@ -165,3 +165,13 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
     # the same report from the shell: moram compare --study
     assert moram_main(["compare", "--tracking-uri", mlflow_server.uri, "--experiment", experiment,
                        "--study", "e2e", "--format", "csv"]) == 0
+
+
+def test_a_trial_reports_op_so_far_only_from_a_whole_row():
+    # eval.schedule: final leaves a version's row unscored before the last task (None cells):
+    # a partial mean would be a wrong number, and summing None crashed the trial
+    from moram_platform.tune.study import op_so_far
+
+    assert op_so_far([80.0, 60.0]) == {"op_so_far": 70.0}
+    assert op_so_far([None, 60.0]) == {}
+    assert op_so_far([]) == {}

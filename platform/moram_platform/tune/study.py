@@ -240,9 +240,14 @@ def study_trial(values: dict[str, Any], context: StudyContext) -> None:
     point = context.points[values["point"]]
     config = config_from_dict(point.config)
     for index, matrix in sequence_rows(config, context.study_run):
-        row = matrix[-1][: index + 1]
-        tune.report({"tasks_done": index + 1, "op_so_far": sum(row) / len(row), "run_id": point.run_id})
+        tune.report({"tasks_done": index + 1, **op_so_far(matrix[-1][: index + 1]), "run_id": point.run_id})
     label_point(context, point)
+
+
+def op_so_far(row: list[float | None]) -> dict[str, float]:
+    """The mean of the latest row's seen cells, when the schedule scored them all (``eval.schedule:
+    final`` scores only the diagonal before the last task: then nothing, never a partial mean)."""
+    return {"op_so_far": sum(row) / len(row)} if row and None not in row else {}
 
 
 def label_point(context: StudyContext, point: StudyPoint, only_if_missing: bool = False) -> None:
