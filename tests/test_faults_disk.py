@@ -1,14 +1,12 @@
 """A local registry on a full disk (a real 2 MB tmpfs): the commit fails with an error that names
 the key and the cause, no partial version or stray temp file is left, and the same commit
 succeeds once space is freed."""
-import errno
-import os
 
 import pytest
 
 from moram_platform.registry import BaseModelRef, Registry, StorageError
 from moram_platform.testing.shards import synthetic_shard
-from fixtures.disk import small_tmpfs
+from fixtures.disk import fill, small_tmpfs
 
 BASE = BaseModelRef("tiny-llama", "sha256:" + "0" * 64)
 
@@ -17,18 +15,6 @@ BASE = BaseModelRef("tiny-llama", "sha256:" + "0" * 64)
 def small_disk(tmp_path):
     with small_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-
-
-def fill(folder) -> None:
-    """Write until the file system refuses (ENOSPC)."""
-    with open(folder / "filler", "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
 
 
 def test_a_commit_on_a_full_disk_fails_cleanly_and_succeeds_after_space_is_freed(small_disk):

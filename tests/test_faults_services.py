@@ -6,7 +6,6 @@ Real processes throughout: jobs/trace.py and jobs/xtail.py as subprocesses with 
 Ray, the SeaweedFS S3 server stopped under a job, a real tmpfs that fills under MLflow's SQLite
 store. Every fault waits (bounded) for a state it can see in storage, never for a guessed time.
 """
-import errno
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from moram_platform.registry import Registry, manifest_key
 from fixtures.paths import PROJECT_ROOT
 from fixtures.tiny_lm import tiny_trace_job
-from fixtures.disk import small_tmpfs
+from fixtures.disk import fill, small_tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(2400)]
 TASKS = ["C-STANCE", "FOMC"]
@@ -141,20 +140,6 @@ def test_s3_lost_during_an_evaluation_keeps_the_recorded_scores_and_the_rerun_fi
 def small_disk(tmp_path):
     with small_tmpfs(tmp_path / "disk", "64m") as mount:
         yield mount
-
-
-def fill(folder: Path) -> Path:
-    """Write until the file system refuses (ENOSPC); the filler file to delete afterwards."""
-    filler = folder / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
-    return filler
 
 
 def test_a_full_disk_under_the_sqlite_mlflow_store_stops_the_job_and_the_rerun_fills_in(
