@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,7 +48,7 @@ from ..tracking import AXES_TAG, LABEL_TAG_PREFIX, STUDY_TAG
 from ..schedule import KNOWN_METRICS, check_gives, cheapest_for
 from .resources import training_trial_share
 from .space import set_path
-from .runner import check_name, sequence_rows, trial_concurrency, tune_resources, tuner
+from .runner import check_name, sequence_rows, trial_concurrency, tune_resources
 from .tracking import SweepTracker
 
 log = logging.getLogger(__name__)
@@ -329,13 +330,18 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
             context = StudyContext(name, study_run, tracking_uri, experiment, {p.run_id: p for p in pending})
             trainable = tune.with_resources(tune.with_parameters(study_trial, context=context),
                                             tune_resources(share.trial))
-            names = sorted(p.run_id for p in pending)
-            # One Tune experiment per set of pending points: an interrupted call resumes its own.
-            tune_name = "grid-" + hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
-            results = tuner(f"{root}/{tune_name}", trainable, {"point": tune.grid_search(names)},
-                             tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrency)),
-                             tune.RunConfig(name=tune_name, storage_path=root, verbose=1 if verbose else 0,
-                                            failure_config=tune.FailureConfig(max_failures=1))).fit()
+            # A fresh Tune experiment on every call, never Tuner.restore: the study's own records
+            # (MLflow's finished runs, the registry's versions) already resume each point, and a
+            # restored experiment restarts all its errored trials at once, past the generator's
+            # max_concurrent (their sequences run outside Tune's resource accounting: two
+            # sequences' workers then wait for each other's CPUs and neither starts).
+            tune_name = _call_name([p.run_id for p in pending])
+            results = tune.Tuner(trainable, param_space={"point": tune.grid_search([p.run_id for p in pending])},
+                                 tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(
+                                     max_concurrent=concurrency)),
+                                 run_config=tune.RunConfig(name=tune_name, storage_path=root,
+                                                           verbose=1 if verbose else 0,
+                                                           failure_config=tune.FailureConfig(max_failures=1))).fit()
             failed = {r.config["point"]: str(r.error).splitlines()[0] for r in results if r.error and r.config}
         context = StudyContext(name, study_run, tracking_uri, experiment, {p.run_id: p for p in points})
         for point in points:
@@ -347,6 +353,12 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
     tracker.finish(study_run, status="FAILED" if failed else "FINISHED")
     return StudyResult(name, points, sorted(finished & {p.run_id for p in points}), failed, study_run,
                        tracker.ui_url(study_run), root, tracking_uri, experiment)
+
+
+def _call_name(run_ids: list[str]) -> str:
+    """This call's Tune experiment: the pending points' digest and the UTC time (a new one each call)."""
+    digest = hashlib.sha256(json.dumps(sorted(run_ids)).encode()).hexdigest()[:10]
+    return f"grid-{digest}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
 
 
 def _one_tracking(configs: list[JobConfig]) -> tuple[str, str]:
