@@ -81,8 +81,11 @@ class MoRAMModel(nn.Module):
             self.moram_layers[name] = layer
 
     # -- delegation to the wrapped model (generate, config, ...) ---------------------------
-    def forward(self, *args, **kwargs):
-        mask = kwargs.get("attention_mask")
+    def forward(self, *args, token_mask: torch.Tensor | None = None, **kwargs):
+        """The wrapped model's forward; activation statistics skip the positions where
+        ``token_mask`` [batch, seq] is 0, by default the 2-D ``attention_mask``'s padding (a packed
+        batch has no attention mask: its filler is named by ``token_mask``)."""
+        mask = kwargs.get("attention_mask") if token_mask is None else token_mask
         with self.token_mask(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None):
             return self.model(*args, **kwargs)
 

@@ -7,7 +7,9 @@ from moram_platform.trace.tokenize import (
     IGNORE_INDEX,
     GenerationCollator,
     TokenizationConfig,
+    TokenizedExample,
     TrainingCollator,
+    pack_for_training,
     pad_for_generation,
     pad_for_training,
     pad_token_id,
@@ -173,9 +175,37 @@ def test_bad_limits_name_the_key(kwargs, message):
         TokenizationConfig(**kwargs)
 
 
+def test_packing_fills_rows_first_fit_longest_first_and_restarts_positions():
+    """Lengths 5, 3, 2, 4 (prompt + answer): rows of 5 (the longest) hold [5], [4 + 1 filler],
+    [3 + 2]; labels are -100 on prompts and filler; the filler is its own sequence."""
+    a = TokenizedExample([1, 2, 3], [4, 5])         # 5 tokens
+    b = TokenizedExample([6, 7], [8])               # 3
+    c = TokenizedExample([9], [10])                 # 2
+    d = TokenizedExample([11, 12], [13, 14])        # 4
+    packed = pack_for_training([a, b, c, d], pad_id=0)
+    X = IGNORE_INDEX
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5], [11, 12, 13, 14, 0], [6, 7, 8, 9, 10]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[X, X, X, 4, 5], [X, X, 13, 14, X], [X, X, 8, X, 10]]
+    assert packed["token_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    # rows are as long as the padded batch, rounded the same way
+    assert pack_for_training([a, b], pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
+
+
+def test_the_training_collator_packs_when_asked(smollm2_tokenizer, fomc_examples):
+    padded = TrainingCollator(smollm2_tokenizer, "FOMC")(fomc_examples)
+    packed = TrainingCollator(smollm2_tokenizer, "FOMC", packed=True)(fomc_examples)
+    assert "position_ids" not in padded and "attention_mask" not in packed
+    assert int(packed["token_mask"].sum()) == int(padded["attention_mask"].sum())
+    assert sorted(packed["labels"][packed["labels"] != IGNORE_INDEX].tolist()) == \
+        sorted(padded["labels"][padded["labels"] != IGNORE_INDEX].tolist())
+
+
 def test_empty_batches_are_rejected():
     with pytest.raises(ValueError, match="empty batch"):
         pad_for_training([], pad_id=0)
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_for_training([], pad_id=0)
     with pytest.raises(ValueError, match="empty batch"):
         pad_for_generation([], pad_id=0)
     assert torch.equal(pad_for_generation([[5]], pad_id=0)["input_ids"], torch.tensor([[5]]))

@@ -97,7 +97,13 @@ class TraceBenchmark:
         validate_tasks(config.data.root, config.data.tasks, splits=("train", config.data.eval_split))
 
     def load_model(self, config: JobConfig) -> tuple[nn.Module, Any]:
-        return load_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype], cache_dir=model_cache_dir(config))
+        model, tokenizer = load_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype],
+                                          cache_dir=model_cache_dir(config))
+        if config.trace.pack_training and not keeps_packed_examples_apart(model):
+            raise ConfigError(f"trace.pack_training: {type(model).__name__} lets examples packed in one row attend to "
+                              f"each other (its attention ignores where positions restart); set "
+                              f"trace.pack_training: false to train it on padded batches")
+        return model, tokenizer
 
     def empty_model(self, config: JobConfig) -> nn.Module:
         return empty_causal_lm(model_path(config), dtype=DTYPES[config.model.dtype], cache_dir=model_cache_dir(config))
@@ -113,7 +119,8 @@ class TraceBenchmark:
     def collate(self, config: JobConfig, processor: Any, task: str, examples: list[Any]) -> dict[str, torch.Tensor]:
         key = (id(processor), task)
         if key not in self._collators:  # resolves the tokenizer's BOS habit once per task
-            self._collators[key] = TrainingCollator(processor, task, _tokenization(config))
+            self._collators[key] = TrainingCollator(processor, task, _tokenization(config),
+                                                    packed=config.trace.pack_training)
         return self._collators[key](examples)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,7 +153,26 @@ def answer_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     scored = targets != -100
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = scored                         # position t predicts token t + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits   # [scored tokens, vocabulary]
+    if "position_ids" in batch:                   # packed (tokenize.pack_for_training): no mask, no cache
+        inputs = {"position_ids": batch["position_ids"], "token_mask": batch["token_mask"], "use_cache": False}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, **inputs).logits  # [scored, vocabulary]
     return F.cross_entropy(logits.float(), targets[scored])
+
+
+@torch.no_grad()
+def keeps_packed_examples_apart(model: nn.Module) -> bool:
+    """Whether ``model`` computes two examples packed in one row (positions restarting at 0, no
+    attention mask) as it computes them alone: Hugging Face's causal-mask helpers do for the
+    architectures built on them (LLaMA, Gemma, Qwen, ...); one that masks by ``attention_mask``
+    only would let packed examples attend to each other, silently. A 7-token forward."""
+    first, second = torch.tensor([[11, 12, 13]]), torch.tensor([[21, 22, 23, 24]])
+    device = next(model.parameters()).device
+    first, second = first.to(device), second.to(device)
+    alone = torch.cat([model(input_ids=first, use_cache=False).logits[0],
+                       model(input_ids=second, use_cache=False).logits[0]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits[0]
+    return torch.allclose(alone.float(), packed.float(), rtol=1e-3, atol=1e-3 * float(alone.abs().max()))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..sections import AtLeastOne, NonEmptyStr, Section
+from ..sections import AtLeastOne, Bool, NonEmptyStr, Section
 
 # old key -> its place now; config_from_dict refuses the old ones (Benchmark.renamed_keys)
 RENAMED_KEYS = {f"data.{key}": f"trace.{key}" for key in ("max_prompt_tokens", "long_prompt_tasks",
@@ -23,3 +23,6 @@ class TraceSection(Section):
     long_prompt_tasks: dict[NonEmptyStr, AtLeastOne] = Field(
         default_factory=lambda: {"MeetingBank": 4096}, description="task -> its own max_prompt_tokens")
     max_answer_tokens: AtLeastOne = Field(512, description="training answers are truncated to this many tokens")
+    pack_training: Bool = Field(True, description="training micro-batches packed into as few rows as hold them, each "
+                                                  "example attending only to itself: the padded batch's loss and "
+                                                  "gradients (to float rounding) for less compute; false: padded rows")

@@ -12,7 +12,9 @@ One example is ``[bos?] prompt answer [eos]``:
 
 Training batches are padded on the RIGHT (left padding in training gave NaN losses on SmolLM2
 under SDPA: fully masked rows); generation batches on the LEFT, so every row's last token is
-its prompt's last token. Either way each example's real tokens are the same sequence.
+its prompt's last token. Either way each example's real tokens are the same sequence. Packed
+training batches (``trace.pack_training``, the default) hold the same examples in fewer rows,
+each example still seeing only itself (``pack_for_training``).
 Works with any Hugging Face tokenizer; one without a pad token pads with EOS.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ IGNORE_INDEX = -100  # labels that the cross-entropy loss skips
 
 __all__ = [
     "GenerationCollator", "IGNORE_INDEX", "TokenizationConfig", "TokenizedExample", "TrainingCollator",
-    "encode_answer", "encode_prompt", "pad_for_generation", "pad_for_training", "pad_token_id",
+    "encode_answer", "encode_prompt", "pack_for_training", "pad_for_generation", "pad_for_training", "pad_token_id",
     "tokenize_example", "tokenizer_adds_bos",
 ]
 
@@ -158,6 +160,44 @@ def pad_for_training(examples: Sequence[TokenizedExample], pad_id: int,
             "labels": torch.tensor(labels)}
 
 
+def pack_for_training(examples: Sequence[TokenizedExample], pad_id: int,
+                      pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``position_ids``, ``labels``, ``token_mask`` [rows, length]: the examples
+    packed first-fit-decreasing into as few rows as hold them, each row as long as the longest
+    example (padded as ``pad_for_training`` would pad it), so no row is longer than the padded
+    batch and none computes attention over more positions.
+
+    Each example's positions restart at 0, which is how Hugging Face's masks tell packed
+    sequences apart (``masking_utils.find_packed_sequence_indices``: a block-diagonal causal mask,
+    when the model is called with ``position_ids``, no ``attention_mask`` and no cache): every
+    token sees exactly what it sees padded, so the loss and its gradients are the padded batch's
+    (to float rounding) for less compute. A row's unused tail is a sequence of its own (positions
+    from 0, pad tokens, labels -100, ``token_mask`` 0): it sees no example and no example sees it.
+    Only the answer tokens are scored, and an example's first token is a prompt token, so no
+    position predicts the next example's first token."""
+    if not examples:
+        raise ValueError("pack_for_training: empty batch")
+    length = _padded_length([len(e.input_ids) for e in examples], pad_to_multiple_of)
+    rows: list[list[TokenizedExample]] = []
+    free: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
+        row = next((i for i, room in enumerate(free) if room >= len(example.input_ids)), None)
+        if row is None:
+            rows.append([])
+            free.append(length)
+            row = len(rows) - 1
+        rows[row].append(example)
+        free[row] -= len(example.input_ids)
+    input_ids, position_ids, labels, token_mask = [], [], [], []
+    for row, room in zip(rows, free):
+        input_ids.append([t for e in row for t in e.input_ids] + [pad_id] * room)
+        position_ids.append([p for e in row for p in range(len(e.input_ids))] + list(range(room)))
+        labels.append([t for e in row for t in e.labels] + [IGNORE_INDEX] * room)
+        token_mask.append([1] * (length - room) + [0] * room)
+    return {"input_ids": torch.tensor(input_ids), "position_ids": torch.tensor(position_ids),
+            "labels": torch.tensor(labels), "token_mask": torch.tensor(token_mask)}
+
+
 def pad_for_generation(prompts: Sequence[Sequence[int]], pad_id: int,
                        pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` [batch, length] of prompts, padded on the LEFT."""
@@ -182,11 +222,18 @@ class _Collator:
 
 
 class TrainingCollator(_Collator):
-    """``collate_fn`` for training: examples -> right-padded input_ids, attention_mask, labels."""
+    """``collate_fn`` for training: examples -> right-padded input_ids, attention_mask, labels,
+    or with ``packed`` the same examples packed (``pack_for_training``)."""
+
+    def __init__(self, tokenizer, task: str | None = None, config: TokenizationConfig = TokenizationConfig(),
+                 pad_to_multiple_of: int | None = None, packed: bool = False):
+        super().__init__(tokenizer, task, config, pad_to_multiple_of)
+        self.packed = packed
 
     def __call__(self, batch: Sequence[TraceExample | Mapping[str, str]]) -> dict[str, torch.Tensor]:
         tokenized = [tokenize_example(self.tokenizer, e, self.config, self.task) for e in batch]
-        return pad_for_training(tokenized, self.pad_id, self.pad_to_multiple_of)
+        batcher = pack_for_training if self.packed else pad_for_training
+        return batcher(tokenized, self.pad_id, self.pad_to_multiple_of)
 
 
 class GenerationCollator(_Collator):
