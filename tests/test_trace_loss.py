@@ -62,8 +62,8 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_gradients_and_statistics():
             layer.B.normal_(0, 0.02)
     model.train()
     examples = benchmark.train_examples(packed_config, "yahoo")[:8]
-    padded = get_benchmark("trace").collate(padded_config, tokenizer, "yahoo", examples)
-    packed = get_benchmark("trace").collate(packed_config, tokenizer, "yahoo", examples)
+    padded = benchmark.collate(padded_config, tokenizer, "yahoo", examples)
+    packed = benchmark.collate(packed_config, tokenizer, "yahoo", examples)
     assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert int(packed["token_mask"].sum()) == int(padded["attention_mask"].sum())

@@ -64,7 +64,7 @@ class TraceBenchmark:
         return next((name for name, names in PAPER_SETTINGS.items() if frozenset(tasks) == names), None)
 
     def __init__(self):
-        self._collators: dict[tuple[int, str], TrainingCollator] = {}
+        self._collators: dict[tuple[int, str, str], TrainingCollator] = {}
 
     # -- the config ----------------------------------------------------------------------------
     def validate_config(self, config: JobConfig) -> list[str]:
@@ -117,7 +117,7 @@ class TraceBenchmark:
         return load_split(config.data.root, task, "train", max_examples=config.data.max_train_examples)
 
     def collate(self, config: JobConfig, processor: Any, task: str, examples: list[Any]) -> dict[str, torch.Tensor]:
-        key = (id(processor), task)
+        key = (id(processor), task, repr(config.trace))   # the budgets and packing are the section's
         if key not in self._collators:  # resolves the tokenizer's BOS habit once per task
             self._collators[key] = TrainingCollator(processor, task, _tokenization(config),
                                                     packed=config.trace.pack_training)
