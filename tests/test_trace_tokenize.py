@@ -192,13 +192,20 @@ def test_packing_fills_rows_first_fit_longest_first_and_restarts_positions():
     assert pack_for_training([a, b], pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
 
 
-def test_the_training_collator_packs_when_asked(smollm2_tokenizer, fomc_examples):
-    padded = TrainingCollator(smollm2_tokenizer, "FOMC")(fomc_examples)
-    packed = TrainingCollator(smollm2_tokenizer, "FOMC", packed=True)(fomc_examples)
-    assert "position_ids" not in padded and "attention_mask" not in packed
+def test_the_training_collator_packs_only_where_a_row_is_saved(smollm2_tokenizer):
+    long = TraceExample("one two three four five six seven eight nine ten " * 4, "yes")
+    short = [TraceExample("one two", "no"), TraceExample("three four", "maybe")]
+    collate = TrainingCollator(smollm2_tokenizer, "FOMC", packed=True)
+    padded = TrainingCollator(smollm2_tokenizer, "FOMC")([long, *short])
+    packed = collate([long, *short])                    # the two short ones share the second row
+    assert packed["input_ids"].shape == (2, padded["input_ids"].shape[1])
+    assert "attention_mask" not in packed
     assert int(packed["token_mask"].sum()) == int(padded["attention_mask"].sum())
     assert sorted(packed["labels"][packed["labels"] != IGNORE_INDEX].tolist()) == \
         sorted(padded["labels"][padded["labels"] != IGNORE_INDEX].tolist())
+    pair = collate([long, short[0]])                    # a pair never packs: padded, as without packing
+    assert pair.keys() == {"input_ids", "attention_mask", "labels"}
+    assert torch.equal(pair["input_ids"], TrainingCollator(smollm2_tokenizer, "FOMC")([long, short[0]])["input_ids"])
 
 
 def test_empty_batches_are_rejected():

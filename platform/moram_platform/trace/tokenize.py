@@ -223,7 +223,9 @@ class _Collator:
 
 class TrainingCollator(_Collator):
     """``collate_fn`` for training: examples -> right-padded input_ids, attention_mask, labels,
-    or with ``packed`` the same examples packed (``pack_for_training``)."""
+    or with ``packed`` the same examples packed (``pack_for_training``) where that saves a row;
+    a batch that packs into as many rows as it has examples is padded (the same work without
+    the block mask; pairs, as the quickstart's, never pack)."""
 
     def __init__(self, tokenizer, task: str | None = None, config: TokenizationConfig = TokenizationConfig(),
                  pad_to_multiple_of: int | None = None, packed: bool = False):
@@ -232,8 +234,11 @@ class TrainingCollator(_Collator):
 
     def __call__(self, batch: Sequence[TraceExample | Mapping[str, str]]) -> dict[str, torch.Tensor]:
         tokenized = [tokenize_example(self.tokenizer, e, self.config, self.task) for e in batch]
-        batcher = pack_for_training if self.packed else pad_for_training
-        return batcher(tokenized, self.pad_id, self.pad_to_multiple_of)
+        if self.packed:
+            packed = pack_for_training(tokenized, self.pad_id, self.pad_to_multiple_of)
+            if packed["input_ids"].shape[0] < len(tokenized):
+                return packed
+        return pad_for_training(tokenized, self.pad_id, self.pad_to_multiple_of)
 
 
 class GenerationCollator(_Collator):
