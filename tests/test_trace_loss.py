@@ -107,8 +107,9 @@ class _PositionBlindLM(torch.nn.Module):
 def test_the_packing_check_passes_smollm2_and_refuses_a_model_blind_to_restarting_positions():
     from moram_platform.trace.benchmark import keeps_packed_examples_apart
 
-    config = load_config(CONFIG, [f"data.root={TRACE_500}"])
-    model, _ = get_benchmark("trace").load_model(config)      # the check ran inside, and passed
-    assert keeps_packed_examples_apart(model)
+    for dtype in ("float32", "bfloat16"):                      # rounding is not leaking
+        config = load_config(CONFIG, [f"data.root={TRACE_500}", f"model.dtype={dtype}"])
+        model, _ = get_benchmark("trace").load_model(config)  # the check ran inside, and passed
+        assert keeps_packed_examples_apart(model)
     torch.manual_seed(0)
     assert not keeps_packed_examples_apart(_PositionBlindLM())

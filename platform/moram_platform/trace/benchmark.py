@@ -174,5 +174,8 @@ def keeps_packed_examples_apart(model: nn.Module) -> bool:
                        model(input_ids=second, use_cache=False).logits[0]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
     packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits[0]
-    return torch.allclose(alone.float(), packed.float(), rtol=1e-3, atol=1e-3 * float(alone.abs().max()))
+    # Rounding moves the logits by < 1 % of their range (SmolLM2: 4e-3 in bfloat16, 1e-6 in
+    # float32); examples that see each other move them by half of it (0.55 when unmasked).
+    alone, packed = alone.float(), packed.float()
+    return float((alone - packed).abs().max()) <= 0.05 * float(alone.abs().max())
 
