@@ -178,6 +178,11 @@ def pack_for_training(examples: Sequence[TokenizedExample], pad_id: int,
     if not examples:
         raise ValueError("pack_for_training: empty batch")
     length = _padded_length([len(e.input_ids) for e in examples], pad_to_multiple_of)
+    return _packed_batch(_pack_rows(examples, length), length, pad_id)
+
+
+def _pack_rows(examples: Sequence[TokenizedExample], length: int) -> list[list[TokenizedExample]]:
+    """First fit, longest first, into rows of ``length`` tokens."""
     rows: list[list[TokenizedExample]] = []
     free: list[int] = []
     for example in sorted(examples, key=lambda e: -len(e.input_ids)):
@@ -188,6 +193,11 @@ def pack_for_training(examples: Sequence[TokenizedExample], pad_id: int,
             row = len(rows) - 1
         rows[row].append(example)
         free[row] -= len(example.input_ids)
+    return rows
+
+
+def _packed_batch(rows: list[list[TokenizedExample]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    free = [length - sum(len(e.input_ids) for e in row) for row in rows]
     input_ids, position_ids, labels, token_mask = [], [], [], []
     for row, room in zip(rows, free):
         input_ids.append([t for e in row for t in e.input_ids] + [pad_id] * room)
@@ -234,10 +244,11 @@ class TrainingCollator(_Collator):
 
     def __call__(self, batch: Sequence[TraceExample | Mapping[str, str]]) -> dict[str, torch.Tensor]:
         tokenized = [tokenize_example(self.tokenizer, e, self.config, self.task) for e in batch]
-        if self.packed:
-            packed = pack_for_training(tokenized, self.pad_id, self.pad_to_multiple_of)
-            if packed["input_ids"].shape[0] < len(tokenized):
-                return packed
+        if self.packed and tokenized:
+            length = _padded_length([len(e.input_ids) for e in tokenized], self.pad_to_multiple_of)
+            rows = _pack_rows(tokenized, length)
+            if len(rows) < len(tokenized):
+                return _packed_batch(rows, length, self.pad_id)
         return pad_for_training(tokenized, self.pad_id, self.pad_to_multiple_of)
 
 
