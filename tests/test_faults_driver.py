@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from moram import read_shard
 from moram_platform.registry import Registry, manifest_key
 from moram_platform.registry.lease import latest_lease
+from fixtures.disk import fill, small_tmpfs
 from fixtures.paths import PROJECT_ROOT
 from fixtures.tiny_lm import tiny_trace_job
 
@@ -306,16 +307,8 @@ def test_a_full_run_folder_stops_the_job_cleanly_and_a_rerun_after_freeing_space
                                                                                           tmp_path):
     """run.output_dir (Ray Train checkpoints, the job's log) on a real 64 MB tmpfs, filled up
     once version 1 is committed: task 2 cannot checkpoint. The registry is on S3."""
-    from test_faults_disk import fill
-
     folder, config, registry, experiment, reference = setup
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode}): needs root")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64m") as disk:
         raw = yaml.safe_load(config.read_text())
         raw["run"]["output_dir"] = str(disk / "run")
         small = tmp_path / "full-disk.yaml"
@@ -342,8 +335,6 @@ def test_a_full_run_folder_stops_the_job_cleanly_and_a_rerun_after_freeing_space
         registry.verify(run, 2)
         assert_same_atoms(atoms(registry, run, 2), atoms(registry, reference, 2))
         assert mlflow_runs(mlflow_server, experiment, run) == finished_runs(run)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_mlflow_down_from_the_start_stops_the_job_before_any_work(setup, tmp_path):
