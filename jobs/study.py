@@ -4,6 +4,7 @@ key) as Ray Tune trials under one MLflow parent, then the comparison report.
     python jobs/study.py studies/trace-methods.yaml --name methods-v1
     python jobs/study.py studies/trace-methods.yaml --name methods-v1        # again: resumes, skips finished
     python jobs/study.py report methods-v1 --grid studies/trace-methods.yaml --out report/
+    python jobs/study.py report methods-v1 --runs docs/results/methods-v1.runs.jsonl   # kept records, no MLflow
     ray job submit --working-dir . -- python jobs/study.py studies/standard-cl-orders.yaml --name std-cl
 """
 import argparse
@@ -20,7 +21,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every point's job config, e.g. --set mlflow.tracking_uri=http://mlflow:5000")
     p.add_argument("--storage-path", help="where Tune keeps the study's state (default <run.output_dir>/study/<name>)")
-    p.add_argument("--out", help="also write the report files (Markdown, CSV, plots) here")
+    p.add_argument("--runs", action="append", default=[], metavar="FILE",
+                   help="runs kept in this runs.jsonl (a report's --out writes one) count as finished: their "
+                        "points are not run again and their numbers join the report; repeatable")
+    p.add_argument("--out", help="also write the report files (Markdown, CSV, runs.jsonl, plots) here")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
     return p
 
@@ -32,7 +36,10 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (instead of --grid)")
     p.add_argument("--experiment", help="MLflow experiment (instead of --grid)")
-    p.add_argument("--out", help="write report.md, report.csv and the plots here")
+    p.add_argument("--runs", action="append", default=[], metavar="FILE",
+                   help="also report the finished runs kept in this runs.jsonl (a report's --out writes one); "
+                        "repeatable; a run MLflow also has is taken from MLflow")
+    p.add_argument("--out", help="write report.md, report.csv, runs.jsonl and the plots here")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     return p
 
@@ -49,13 +56,18 @@ def main(argv=None) -> int:
 
 
 def run(argv) -> int:
-    from moram_platform.report import report_study
+    from moram_platform.report import ReportError, read_run_records, report_study, with_kept_runs
     from moram_platform.tune.study import load_study, run_study
 
     args = run_parser().parse_args(argv)
+    kept = read_run_records(args.runs)          # bad files fail here, before Ray starts
     result = run_study(load_study(args.grid), args.name, job_overrides=args.overrides,
-                       storage_path=args.storage_path, verbose=not args.quiet)
-    report = report_study(result)
+                       storage_path=args.storage_path, verbose=not args.quiet, kept_runs={r.run for r in kept})
+    kept = [r for r in kept if r.run in {p.run_id for p in result.points}]    # another study's runs stay out
+    try:
+        report = with_kept_runs(report_study(result), kept, f"Study {result.name}")
+    except ReportError:         # nothing finished in MLflow: every point was kept
+        report = with_kept_runs(None, kept, f"Study {result.name}")
     print(f"\n== study {result.name}: {len(result.points)} sequences ({len(result.skipped)} finished before) ==")
     print(report.markdown())
     if args.out:
@@ -69,17 +81,25 @@ def run(argv) -> int:
 
 def report(argv) -> int:
     from moram_platform.config import config_from_dict
-    from moram_platform.report import study_report
+    from moram_platform.report import ReportError, read_run_records, study_report, with_kept_runs
     from moram_platform.tune.study import base_raw, load_study
 
     args = report_parser().parse_args(argv)
+    kept = read_run_records(args.runs)          # bad files fail here, before MLflow is asked
     uri, experiment = args.tracking_uri, args.experiment
     if args.grid:
         config = config_from_dict(base_raw(load_study(args.grid), args.overrides))
         uri, experiment = uri or config.tracking_uri(), experiment or config.mlflow.experiment or config.benchmark
-    if not (uri and experiment):
-        raise ValueError("give --grid FILE, or --tracking-uri and --experiment")
-    result = study_report(uri, experiment, args.name)
+    if not (uri and experiment) and not args.runs:
+        raise ValueError("give --grid FILE, or --tracking-uri and --experiment, or --runs FILE")
+    found = None
+    if uri and experiment:
+        try:
+            found = study_report(uri, experiment, args.name)
+        except ReportError:
+            if not kept:            # MLflow may not know a study whose runs were kept in files
+                raise
+    result = with_kept_runs(found, kept, f"Study {args.name}")
     print(result.csv() if args.format == "csv" else result.markdown())
     if args.out:
         print("report files: " + ", ".join(str(p) for p in result.write(args.out)), file=sys.stderr)

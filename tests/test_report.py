@@ -2,12 +2,18 @@
 anchors where the setting matches, and its files (the MLflow side: tests/test_study.py)."""
 import csv
 import io
+import json
+import subprocess
+import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
+from fixtures.paths import PROJECT_ROOT
 from moram_platform.plots import activation_heatmap
-from moram_platform.report import RunRecord, StudyReport, load_anchors, mean_std, setting_of, summarize_runs
+from moram_platform.report import (ReportError, RunRecord, StudyReport, load_anchors, mean_std, read_run_records,
+                                   records_report, setting_of, summarize_runs)
 
 ORDER_1 = ["dbpedia", "amazon", "yahoo", "agnews"]
 
@@ -116,7 +122,42 @@ def test_report_files(tmp_path):
     assert rows[0] == {"method": "moram", "metric": "OP", "mean": "65.0000", "std": "7.0711", "n": "2", "paper": "",
                        "paper_std": "", "paper_source": "", "runs": "m-s0 m-s1"}
     names = {p.name for p in report.write(tmp_path)}
-    assert names == {"report.md", "report.csv", "metrics.png", "matrix_moram.png"}
+    assert names == {"report.md", "report.csv", "metrics.png", "matrix_moram.png"}   # no records: no runs.jsonl
+
+
+def test_kept_run_records_give_back_the_same_report(tmp_path):
+    # A study's numbers outlive its MLflow store: runs.jsonl written by one report, read by the next.
+    records = [record("m-s0", "moram", 60.0, 2.0, matrix=[[50.0, None], [40.0, 80.0]], FWT=1.0),
+               record("i-s0", "inclora", 30.0, 9.0)]
+    records[0].routing = [[0.75, 0.25], [0.5, 0.5]]
+    first = records_report(records, "Study t")
+    assert (tmp_path / "runs.jsonl") in first.write(tmp_path)
+    more = tmp_path / "more.jsonl"           # another machine's runs: one new, one already kept
+    more.write_text(json.dumps(asdict(record("m-s1", "moram", 70.0, 4.0, matrix=[[70.0, None], [60.0, 80.0]]))) +
+                    "\n\n" + json.dumps(asdict(record("m-s0", "moram", 0.0, 0.0))) + "\n")
+    kept = read_run_records([tmp_path / "runs.jsonl", more])
+    assert [r.run for r in kept] == ["m-s0", "i-s0", "m-s1"]        # the first record of a run id wins
+    assert kept[0] == records[0]                                      # None cells and routing survive
+    moram, inclora = records_report(kept, "Study t").groups
+    assert moram.stats["OP"] == pytest.approx((65.0, 50 ** 0.5, 2))   # (60 + 70) / 2, sqrt(50) as above
+    assert moram.mean_matrix == [[60.0, None], [50.0, 80.0]]         # a cell no run evaluated stays absent
+    assert inclora.stats["OP"] == (30.0, None, 1)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not a JSON object"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"run": "r", "group": "g", "tasks": []}', "missing metrics"),
+    ('{"run": "r", "group": "g", "tasks": [], "metrics": {}, "colour": 1}', "unknown colour"),
+    ('{"run": "r", "group": "g", "tasks": [], "metrics": {"OP": "high"}}', "metrics must map names to numbers"),
+])
+def test_a_bad_run_record_names_its_file_and_line(tmp_path, line, message):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(asdict(record("ok", "moram", 1.0, 0.0))) + "\n" + line + "\n")
+    with pytest.raises(ReportError, match=f"{path}:2: {message}"):
+        read_run_records([path])
+    with pytest.raises(ReportError, match="cannot read the run records"):
+        read_run_records([tmp_path / "absent.jsonl"])
 
 
 def test_activation_heatmap_blocks_tasks_and_orders_layers(tmp_path):
@@ -132,3 +173,20 @@ def test_activation_heatmap_blocks_tasks_and_orders_layers(tmp_path):
     path = activation_heatmap(few, tmp_path / "few.png", task_atoms={n: blocks[n] for n in few},
                               task_names=["C-STANCE", "FOMC", "ScienceQA"])
     assert path.stat().st_size > 0
+
+
+def test_the_report_command_reads_kept_runs_without_mlflow(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(asdict(record(f"m-s{seed}", "moram", op, 1.0))) + "\n"
+                            for seed, op in enumerate((60.0, 70.0))))
+    study = [sys.executable, str(PROJECT_ROOT / "jobs" / "study.py"), "report", "kept"]
+    done = subprocess.run([*study, "--runs", str(runs), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| moram | 2 | 65.00 ± 7.07 |" in done.stdout          # as test_mean_and_sample_std_per_group_by_hand
+    assert read_run_records([tmp_path / "out" / "runs.jsonl"]) == read_run_records([runs])
+    runs.write_text(runs.read_text() + "{oops\n")
+    done = subprocess.run([*study, "--runs", str(runs)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {runs}:3: not a JSON object (Expecting property name " \
+                                                   "enclosed in double quotes)"

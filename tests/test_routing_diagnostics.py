@@ -15,7 +15,7 @@ from torch import nn
 
 from moram import MoRAMConfig, get_moram_model
 from moram_platform.routing_diagnostics import (
-    evaluate_with_routing, layer_group, own_shares, routes, routing_matrix, routing_row, task_blocks,
+    block_norms, evaluate_with_routing, layer_group, own_shares, routes, routing_matrix, routing_row, task_blocks,
 )
 
 
@@ -113,6 +113,27 @@ def test_training_blocks_are_the_older_tasks_kept_atoms_then_the_tasks_own():
     _, shards = hand_set_model()
     assert training_blocks(shards) == {"proj": [2, 2]}
     assert training_blocks(shards[:1]) == {"proj": [2]}
+
+
+def test_block_norms_are_each_tasks_mean_key_and_frozen_value_norms():
+    # Task t's two keys are (t + 1) e_t (norm t + 1); its values (t + 1) * ones(4) (norm 2 (t + 1)),
+    # frozen with alpha / r = 4 / 2 = 2 baked in: 4 and 8. The LoRA "replace" shards own no atoms.
+    config = MoRAMConfig(method="moram", target_modules=["proj"], r=2, alpha=4, k=4, tau=0.03, delta=0.0,
+                         dropout=0.0, prune_mass=None)
+    model = get_moram_model(OneLayer(), config)
+    layer, shards = model.moram_layers["proj"], []
+    for task in range(2):
+        model.begin_task(f"t{task}")
+        with torch.no_grad():
+            layer.A.copy_(torch.zeros(2, 4))
+            layer.A[:, task] = task + 1.0
+            layer.B.copy_(torch.full((4, 2), task + 1.0))
+        layer.current_trained = True
+        model.end_task(prune=False)
+        shards.append(model.export_shard())
+    norms = block_norms(shards)
+    assert norms["proj"] == norms["all"] == {"keys": pytest.approx([1.0, 2.0]), "values": pytest.approx([4.0, 8.0])}
+    assert block_norms([]) is None
 
 
 def test_routing_row_gives_atoms_past_the_task_blocks_their_own_column():

@@ -2,10 +2,14 @@
 grid point, and a 2-method x 2-seed study of 2 short TRACE tasks on the real SmolLM2-135M, run
 end to end on Ray Tune with MLflow, resumed without retraining, and reported: the report's
 numbers are recomputed by hand from the accuracy matrices the runs recorded."""
+import csv
+import io
+import json
 import statistics
 import subprocess
 import sys
 import uuid
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -98,7 +102,7 @@ def hand_summary(matrix: list[list[float]]) -> dict[str, float]:
 @pytest.mark.timeout(1800)
 def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root, mlflow_server, ray_cluster):
     from moram_platform.cli import main as moram_main
-    from moram_platform.report import report_study, study_report
+    from moram_platform.report import read_run_records, records_report, report_study, study_report
     from moram_platform.tune.study import run_study
 
     experiment = f"study-{uuid.uuid4().hex[:8]}"
@@ -121,7 +125,8 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
     for run in members:
         local = client.download_artifacts(run.info.run_id, "accuracy_matrix.csv", str(tmp_path))
         rows = [line.split(",") for line in open(local).read().split("\n")[1:] if line]
-        recorded[run.data.tags["moram.run_id"]] = ([[float(v) for v in row[1:]] for row in rows],
+        # "": a cell the study's schedule (final: diagonal + last row) did not evaluate
+        recorded[run.data.tags["moram.run_id"]] = ([[float(v) if v else None for v in row[1:]] for row in rows],
                                                    run.data.metrics, run.data.tags["moram.method"])
         # routing diagnostics: logged per version; a 2 x 2 who-routes-to-whom with rows summing to 1
         own = run.data.metrics["routing/own_share_mean"]
@@ -145,12 +150,26 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
         owns = [recorded[run][1]["routing/own_share_mean"] for run in group.runs]
         assert group.stats["own_routing"][0] == pytest.approx(statistics.fmean(owns))
         assert "FWT" not in group.stats         # no zero-shot row (eval.baseline: false)
-        expected = [[(a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(*matrices)]
-        assert [v for row in group.mean_matrix for v in row] == pytest.approx([v for r in expected for v in r],
-                                                                              abs=1e-3)
+        assert matrices[0][0][1] is None and group.mean_matrix[0][1] is None     # R[0][1]: not evaluated
+        expected = [[None if a is None else (a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(*matrices)]
+        assert [v for row in group.mean_matrix for v in row if v is not None] == pytest.approx(
+            [v for r in expected for v in r if v is not None], abs=1e-3)
     text = report.markdown()
     assert (tmp_path / "report" / "report.md") in report.write(tmp_path / "report")
     assert "| moram | 2 |" in text and "| moelora | 2 |" in text and "BWT_eq10" in text
+    # the records kept in runs.jsonl report the same numbers without MLflow; with it, kept runs join
+    kept = read_run_records([tmp_path / "report" / "runs.jsonl"])
+    assert sorted(r.run for r in kept) == sorted(runs)
+    assert [g.stats for g in records_report(kept, "t").groups] == [g.stats for g in report.groups]
+    other = tmp_path / "other.jsonl"          # a run of another machine, kept as a file
+    other.write_text(json.dumps({**asdict(kept[0]), "run": "elsewhere", "metrics": {**kept[0].metrics, "OP": 1.0}}))
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "study.py"), "report", "e2e", "--tracking-uri",
+                           mlflow_server.uri, "--experiment", experiment, "--runs", str(other), "--format", "csv"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    merged = next(r for r in rows if r["method"] == kept[0].group and r["metric"] == "OP")
+    assert merged["n"] == "3" and "elsewhere" in merged["runs"].split()
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "report")}
     assert {"report/report.md", "report/report.csv", "report/metrics.png", "report/matrix_moram.png",
             "report/routing_moram.png"} <= artifacts
@@ -161,6 +180,15 @@ def test_a_study_runs_resumes_and_reports_the_runs_numbers(tmp_path, trace_root,
     assert sorted(again.skipped) == sorted(runs)
     assert {run: registry.storage.read(manifest_key(run, 2)) for run in runs} == manifests
     assert len(client.search_runs([experiment_id], filter_string="tags.`moram.kind` = 'study'")) == 1
+
+    # a grown grid whose new points were kept from elsewhere (runs.jsonl): nothing runs for them
+    grown = study_from_dict(grid_file(tmp_path, job, {"moram.method": ["moram", "moelora"], "run.seed": [0, 1, 2]},
+                                      resources={"trial_cpu": 0.1, "max_concurrent": 2}))
+    elsewhere = {p.run_id for p in study_points(grown, "e2e")} - set(runs)
+    assert len(elsewhere) == 2
+    kept = run_study(grown, "e2e", verbose=False, kept_runs=elsewhere)
+    assert sorted(kept.skipped) == sorted(set(runs) | elsewhere) and kept.failed == {}
+    assert sorted(registry.runs()) == sorted(runs)
 
     # the same report from the shell: moram compare --study
     assert moram_main(["compare", "--tracking-uri", mlflow_server.uri, "--experiment", experiment,

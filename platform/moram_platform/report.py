@@ -6,10 +6,14 @@ accuracy (and routing) matrices; Markdown, CSV and a bar chart with error bars.
 
     report = study_report("http://mlflow:5000", "trace", "methods-v1")   # or report_study(run_study(...))
     print(report.markdown())
-    report.write("out/")                        # report.md, report.csv, bars.png, matrices
+    report.write("out/")                        # report.md, report.csv, runs.jsonl, bars.png, matrices
+    records_report(read_run_records(["out/runs.jsonl"]), "Study methods-v1")   # the same, later, without MLflow
 
 The rows come from ``runs.compare_runs`` (the one reader of sequence summaries, also
 behind ``moram compare``); std is the sample standard deviation (n - 1), "-" for one run.
+``runs.jsonl`` keeps each finished run's record (metrics, matrix, routing), so a study's numbers
+outlive its MLflow store (a machine given back, a fresh clone) and studies run on several
+machines can be reported together (``jobs/study.py report --runs``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import io
 import json
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,6 +80,7 @@ class StudyReport:
     title: str
     groups: list[GroupSummary]
     incomplete: list[str]
+    records: list[RunRecord] = field(default_factory=list)     # the finished runs behind the groups
 
     # -- text ----------------------------------------------------------------------------
     def columns(self) -> list[str]:
@@ -121,6 +126,10 @@ class StudyReport:
                                      source, " ".join(g.runs)])
         return out.getvalue()
 
+    def runs_jsonl(self) -> str:
+        """One JSON object per finished run: its RunRecord (read back by ``read_run_records``)."""
+        return "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in self.records)
+
     # -- files ---------------------------------------------------------------------------
     def write(self, folder: str | Path) -> list[Path]:
         from .plots import accuracy_heatmap, metric_bars, routing_heatmap
@@ -130,6 +139,9 @@ class StudyReport:
         paths = [folder / "report.md", folder / "report.csv"]
         paths[0].write_text(self.markdown())
         paths[1].write_text(self.csv())
+        if self.records:
+            paths.append(folder / "runs.jsonl")
+            paths[-1].write_text(self.runs_jsonl())
         bars = {g.group: {c: g.stats[c][:2] for c in ("OP", "BWT_eq10", "FWT") if c in g.stats} for g in self.groups}
         paths.append(metric_bars(bars, folder / "metrics.png", title=self.title))
         for g in self.groups:
@@ -250,6 +262,64 @@ def _paper_numbers(anchors: list[dict[str, str]], group: str,
     return found, rows
 
 
+# -- run records kept as files ----------------------------------------------------------------------
+RECORD_FIELDS = {f.name for f in fields(RunRecord)}
+REQUIRED_RECORD_FIELDS = ("run", "group", "tasks", "metrics")
+
+
+def read_run_records(paths: Sequence[str | Path]) -> list[RunRecord]:
+    """The records of ``runs.jsonl`` files (``StudyReport.write``), in file order; a run id seen
+    twice keeps its first record. Bad input is a ReportError naming the file and line."""
+    records: dict[str, RunRecord] = {}
+    for path in map(Path, paths):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as error:
+            raise ReportError(f"{path}: cannot read the run records ({error.strerror or error})") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                record = _record_from_line(line, f"{path}:{number}")
+                records.setdefault(record.run, record)
+    return list(records.values())
+
+
+def _record_from_line(line: str, where: str) -> RunRecord:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{where}: not a JSON object ({error.msg})") from None
+    if not isinstance(raw, dict):
+        raise ReportError(f"{where}: not a JSON object")
+    missing = [key for key in REQUIRED_RECORD_FIELDS if key not in raw]
+    unknown = sorted(set(raw) - RECORD_FIELDS)
+    if missing or unknown:
+        raise ReportError(f"{where}: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+    metrics = raw["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or k == "_method"
+                                                for k, v in metrics.items()):
+        raise ReportError(f"{where}: metrics must map names to numbers")
+    return RunRecord(**raw)
+
+
+def records_report(records: Sequence[RunRecord], title: str, incomplete: Sequence[str] = ()) -> StudyReport:
+    """A report over run records from anywhere (MLflow, ``runs.jsonl`` files, both)."""
+    if not records:
+        raise ReportError(f"{title}: no finished sequence to report")
+    return StudyReport(title, summarize_runs(records), list(incomplete), list(records))
+
+
+def with_kept_runs(report: StudyReport | None, kept: Sequence[RunRecord], title: str) -> StudyReport:
+    """``report`` (from MLflow; None where MLflow has none) with the kept runs it lacks added; a
+    run in both is taken from ``report``."""
+    records = list(report.records) if report else []
+    seen = {r.run for r in records}
+    kept_runs = {r.run for r in kept}
+    incomplete = [run for run in (report.incomplete if report else []) if run not in kept_runs]
+    return records_report(records + [r for r in kept if r.run not in seen], report.title if report else title,
+                          incomplete)
+
+
 # -- reading MLflow -------------------------------------------------------------------------------
 def study_report(tracking_uri: str, experiment: str, study: str) -> StudyReport:
     """The report of the study ``study`` (its member sequences are nested under its MLflow run)."""
@@ -297,7 +367,7 @@ def _report(client, rows: list[dict[str, Any]], group_keys: list[str], title: st
     if not records:
         raise ReportError(f"{title}: no finished sequence to report" +
                           (f" (not finished: {', '.join(incomplete)})" if incomplete else ""))
-    return StudyReport(title, summarize_runs(records), incomplete)
+    return StudyReport(title, summarize_runs(records), incomplete, records)
 
 
 def _routing_metric(client, run_id: str) -> dict[str, float]:

@@ -65,6 +65,32 @@ def training_blocks(shards: Sequence[Any]) -> dict[str, list[int]] | None:
             for name, count in parsed[-1].atom_counts.items()}
 
 
+def block_norms(shards: Sequence[Any]) -> dict[str, dict[str, list[float]]] | None:
+    """Per layer group (and ``all``), each task block's mean key norm ||a_i|| (a row of A) and
+    mean value norm ||b_i|| (a column of B, as frozen: alpha/r baked in unless frozen_scale is
+    official), oldest task first; None where tasks do not own atoms. A block whose keys are
+    smaller answers every input more weakly (Eq. 3) and so wins top-k less often: the scale
+    side of the routing share (docs/results.md compares a fresh block's kaiming init with it)."""
+    from moram import read_shard
+
+    parsed = [s if hasattr(s, "layer_names") else read_shard(s) for s in shards]
+    if not parsed or any(shard.mode != "append" for shard in parsed):
+        return None
+    sums: dict[str, dict[str, list[list[float]]]] = {}
+    for task, shard in enumerate(parsed):
+        for name in shard.layer_names:
+            tensors = shard.layer(name)
+            keys, values = tensors["A"].float().norm(dim=1), tensors["B"].float().norm(dim=0)
+            for group in (layer_group(name), ALL):
+                entry = sums.setdefault(group, {"keys": [], "values": []})
+                for kind, norms in (("keys", keys), ("values", values)):
+                    while len(entry[kind]) <= task:
+                        entry[kind].append([])
+                    entry[kind][task].extend(norms.tolist())
+    return {group: {kind: [sum(v) / len(v) if v else float("nan") for v in per_task] for kind, per_task in entry.items()}
+            for group, entry in sums.items()}
+
+
 def layer_group(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``q_proj``: the module's own name."""
     return name.rsplit(".", 1)[-1]

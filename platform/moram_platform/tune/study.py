@@ -283,9 +283,12 @@ class StudyResult:
 
 
 def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = None,
-              storage_path: str | None = None, verbose: bool = True) -> StudyResult:
+              storage_path: str | None = None, verbose: bool = True,
+              kept_runs: set[str] | frozenset[str] = frozenset()) -> StudyResult:
     """Run (or resume, given the same ``name``) every point of ``grid``; the comparison report
-    is ``moram_platform.report.report_study(result)``."""
+    is ``moram_platform.report.report_study(result)``. ``kept_runs``: run ids finished elsewhere
+    (their records kept in a ``runs.jsonl``, ``moram_platform.report.read_run_records``): skipped
+    like the points MLflow has finished."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -316,7 +319,8 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
         {AXES_TAG: json.dumps(list(grid.grid)), STUDY_TAG: name, "moram.benchmark": configs[0].benchmark},
         _digest(grid, job_overrides), kind="study")
     tracker.log_text(study_run, json.dumps(grid.to_dict(), indent=1, default=str), "grid.json")
-    finished = {row["run"] for row in compare_runs(tracking_uri, experiment) if row["status"] == "FINISHED"}
+    in_mlflow = {row["run"] for row in compare_runs(tracking_uri, experiment) if row["status"] == "FINISHED"}
+    finished = in_mlflow | set(kept_runs)
     pending = [p for p in points if p.run_id not in finished]
     root = storage_path or str(Path(configs[0].run.output_dir) / "study" / name)
     log.info("study %s: %d points, %d finished before, MLflow run %s", name, len(points), len(points) - len(pending),
@@ -345,7 +349,7 @@ def run_study(grid: StudyGrid, name: str, *, job_overrides: list[str] | None = N
             failed = {r.config["point"]: str(r.error).splitlines()[0] for r in results if r.error and r.config}
         context = StudyContext(name, study_run, tracking_uri, experiment, {p.run_id: p for p in points})
         for point in points:
-            if point.run_id in finished:
+            if point.run_id in in_mlflow:
                 label_point(context, point, only_if_missing=True)
     except BaseException:
         tracker.finish(study_run, status="FAILED")
