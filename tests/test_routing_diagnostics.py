@@ -15,7 +15,7 @@ from torch import nn
 
 from moram import MoRAMConfig, get_moram_model
 from moram_platform.routing_diagnostics import (
-    block_norms, evaluate_with_routing, layer_group, own_shares, routes, routing_matrix, routing_row, task_blocks,
+    block_norms, evaluate_with_routing, training_shares, layer_group, own_shares, routes, routing_matrix, routing_row, task_blocks,
 )
 
 
@@ -134,6 +134,27 @@ def test_block_norms_are_each_tasks_mean_key_and_frozen_value_norms():
     norms = block_norms(shards)
     assert norms["proj"] == norms["all"] == {"keys": pytest.approx([1.0, 2.0]), "values": pytest.approx([4.0, 8.0])}
     assert block_norms([]) is None
+
+
+def test_training_shares_are_the_routing_mass_of_the_last_tasks_training_per_block():
+    # Task 1 trains on inputs e0 (task 0's direction) over the bank [task 0's 2 atoms, its own 2]:
+    # all mass goes to task 0's keys, as in test_disjoint_keys_route_each_task_to_its_own_atoms.
+    config = MoRAMConfig(method="moram", target_modules=["proj"], r=2, k=4, tau=0.03, delta=0.0, dropout=0.0,
+                         prune_mass=None)
+    model = get_moram_model(OneLayer(), config)
+    layer, shards = model.moram_layers["proj"], []
+    for task in range(2):
+        model.begin_task(f"t{task}")
+        with torch.no_grad():
+            layer.A.copy_(torch.zeros(2, 4))
+            layer.A[:, task] = 1.0
+            layer.B.copy_(torch.ones(4, 2))
+        model.train()
+        model(inputs_of(E0 if task else E1))      # a training pass: routing mass is collected
+        model.end_task(prune=False)
+        shards.append(model.export_shard())
+    assert training_shares(shards[:1])["all"] == pytest.approx([1.0])
+    assert training_shares(shards)["proj"] == pytest.approx([1.0, 0.0], abs=1e-9)
 
 
 def test_routing_row_gives_atoms_past_the_task_blocks_their_own_column():

@@ -65,6 +65,22 @@ def training_blocks(shards: Sequence[Any]) -> dict[str, list[int]] | None:
             for name, count in parsed[-1].atom_counts.items()}
 
 
+def training_shares(shards: Sequence[Any]) -> dict[str, list[float]] | None:
+    """While the last shard's task trained: per layer group (and ``all``), the share of routing
+    mass (its ``routing_mass``: Σ over training tokens of w) on each block it routed over, the
+    older tasks' first and its own last. Beside r / R it says whether the new block got its
+    share of the mixture while it learned; None for methods without routing weights or without
+    task blocks."""
+    from moram import METHODS, read_shard
+
+    parsed = [s if hasattr(s, "layer_names") else read_shard(s) for s in shards]
+    blocks = training_blocks(parsed) if parsed else None
+    if blocks is None or not METHODS[parsed[-1].metadata["method"]].routes:
+        return None
+    last = parsed[-1]
+    return routing_row({name: last.layer(name)["routing_mass"] for name in last.layer_names}, blocks)
+
+
 def block_norms(shards: Sequence[Any]) -> dict[str, dict[str, list[float]]] | None:
     """Per layer group (and ``all``), each task block's mean key norm ||a_i|| (a row of A) and
     mean value norm ||b_i|| (a column of B, as frozen: alpha/r baked in unless frozen_scale is
