@@ -115,23 +115,35 @@ def test_training_blocks_are_the_older_tasks_kept_atoms_then_the_tasks_own():
     assert training_blocks(shards[:1]) == {"proj": [2]}
 
 
-def test_block_norms_are_each_tasks_mean_key_and_frozen_value_norms():
-    # Task t's two keys are (t + 1) e_t (norm t + 1); its values (t + 1) * ones(4) (norm 2 (t + 1)),
-    # frozen with alpha / r = 4 / 2 = 2 baked in: 4 and 8. The LoRA "replace" shards own no atoms.
-    config = MoRAMConfig(method="moram", target_modules=["proj"], r=2, alpha=4, k=4, tau=0.03, delta=0.0,
+def two_task_shards(alpha=None, grow=False, train_on=None):
+    """Two finished tasks on OneLayer: task t's two keys are size * e_t and its values size * ones(4),
+    size = t + 1 with ``grow`` else 1; with ``train_on``, one training pass over train_on(t) before
+    freezing (it collects the routing mass), else the block is only marked trained."""
+    config = MoRAMConfig(method="moram", target_modules=["proj"], r=2, alpha=alpha, k=4, tau=0.03, delta=0.0,
                          dropout=0.0, prune_mass=None)
     model = get_moram_model(OneLayer(), config)
     layer, shards = model.moram_layers["proj"], []
     for task in range(2):
+        size = task + 1.0 if grow else 1.0
         model.begin_task(f"t{task}")
         with torch.no_grad():
             layer.A.copy_(torch.zeros(2, 4))
-            layer.A[:, task] = task + 1.0
-            layer.B.copy_(torch.full((4, 2), task + 1.0))
-        layer.current_trained = True
+            layer.A[:, task] = size
+            layer.B.copy_(torch.full((4, 2), size))
+        if train_on is None:
+            layer.current_trained = True
+        else:
+            model.train()
+            model(inputs_of(train_on(task)))
         model.end_task(prune=False)
         shards.append(model.export_shard())
-    norms = block_norms(shards)
+    return shards
+
+
+def test_block_norms_are_each_tasks_mean_key_and_frozen_value_norms():
+    # Task t's two keys are (t + 1) e_t (norm t + 1); its values (t + 1) * ones(4) (norm 2 (t + 1)),
+    # frozen with alpha / r = 4 / 2 = 2 baked in: 4 and 8. No shards: nothing to measure.
+    norms = block_norms(two_task_shards(alpha=4, grow=True))
     assert norms["proj"] == norms["all"] == {"keys": pytest.approx([1.0, 2.0]), "values": pytest.approx([4.0, 8.0])}
     assert block_norms([]) is None
 
@@ -139,20 +151,7 @@ def test_block_norms_are_each_tasks_mean_key_and_frozen_value_norms():
 def test_training_shares_are_the_routing_mass_of_the_last_tasks_training_per_block():
     # Task 1 trains on inputs e0 (task 0's direction) over the bank [task 0's 2 atoms, its own 2]:
     # all mass goes to task 0's keys, as in test_disjoint_keys_route_each_task_to_its_own_atoms.
-    config = MoRAMConfig(method="moram", target_modules=["proj"], r=2, k=4, tau=0.03, delta=0.0, dropout=0.0,
-                         prune_mass=None)
-    model = get_moram_model(OneLayer(), config)
-    layer, shards = model.moram_layers["proj"], []
-    for task in range(2):
-        model.begin_task(f"t{task}")
-        with torch.no_grad():
-            layer.A.copy_(torch.zeros(2, 4))
-            layer.A[:, task] = 1.0
-            layer.B.copy_(torch.ones(4, 2))
-        model.train()
-        model(inputs_of(E0 if task else E1))      # a training pass: routing mass is collected
-        model.end_task(prune=False)
-        shards.append(model.export_shard())
+    shards = two_task_shards(train_on=lambda task: E0 if task else E1)
     assert training_shares(shards[:1])["all"] == pytest.approx([1.0])
     assert training_shares(shards)["proj"] == pytest.approx([1.0, 0.0], abs=1e-9)
 
