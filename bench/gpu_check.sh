@@ -15,7 +15,8 @@
 # device-tool call), each stage's exit code in summary.json:
 #   env         torch/CUDA/triton/peft versions and the device name         -> env.json
 #   kernels     tests/test_kernels.py + tests/test_functional.py (the CUDA test runs the compiled
-#               Triton kernel against the equations) with --noconftest (the conftest needs Ray)
+#               Triton kernel against the equations) + tests/test_training_update.py (a training
+#               forward and backward with no host sync) with --noconftest (the conftest needs Ray)
 #                                                                           -> kernels.xml, kernels.log
 #   layer       bench/layer_bench.py --device cuda (fp32 and bf16, the Triton `fused` rows)
 #                                                                           -> layer_bench.log
@@ -80,7 +81,7 @@ for name in $STAGES; do
     model:1)   stage model 300 $PY bench/model_bench.py --device cpu --model llama-tiny --atoms 8 32 --batch 2 --seq 16 \
                  --new 2 --repeats 1 --json "$OUT/model_bench.json" ;;
     kernels:*) stage kernels 150 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_kernels.py \
-                 tests/test_functional.py --junitxml="$OUT/kernels.xml" ;;
+                 tests/test_functional.py tests/test_training_update.py --junitxml="$OUT/kernels.xml" ;;
     layer:*)   stage layer 150 $PY bench/layer_bench.py --device cuda --repeats 20 ;;
     model:*)   stage model 270 $PY bench/model_bench.py --device cuda --atoms 56 128 --repeats 5 \
                  --json "$OUT/model_bench.json" ;;

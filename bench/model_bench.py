@@ -9,7 +9,8 @@ For every bank size R (atoms per layer: R - 8 frozen plus the 8 of the open task
 R frozen at inference) and stage, the candidates run in turns, the order rotated every repeat
 (so neither load drift nor cache warmth favours one), after one warm-up turn:
 
-    train     one step (forward + backward + AdamW) at --batch x --seq: MoRAM vs PEFT LoRA
+    train     one step (forward + backward + AdamW) at --batch x --seq: MoRAM vs PEFT LoRA (on CPU
+              also "moram composed": MoRAM's training without the fused update, its before)
     prefill   a forward over --batch x --seq under torch.inference_mode: base, MoRAM, LoRA
               unmerged, LoRA merged (merge_and_unload: the base's cost, a check of the clock)
     decode    per generated token, as tokens/s vs the base: a --prompt-token prompt is prefilled
@@ -124,6 +125,22 @@ def train_step(model, ids):
     return step
 
 
+def composed_training(step):
+    """The same step through MoRAM's composed training path (MORAM_FUSED_TRAINING=0): the fused
+    training update's before (issue 25.3)."""
+    def run():
+        previous = os.environ.get("MORAM_FUSED_TRAINING")
+        os.environ["MORAM_FUSED_TRAINING"] = "0"
+        try:
+            step()
+        finally:
+            if previous is None:
+                del os.environ["MORAM_FUSED_TRAINING"]
+            else:
+                os.environ["MORAM_FUSED_TRAINING"] = previous
+    return run
+
+
 def saved_bytes(model, ids) -> int:
     """Bytes of activations kept for the backward of one training forward (distinct storages,
     weights excluded): a load-independent stand-in for the activation memory on CPU."""
@@ -222,9 +239,15 @@ def bench_model(base, device, clock, args) -> list[dict]:
             if device.type == "cuda":
                 memory = {"moram": cuda_peak(train_step(trainee, ids), trainee, base),
                           "lora": cuda_peak(train_step(lora, ids), lora, base)}
-            table("train", atoms, {"moram": train_step(trainee, ids), "lora": train_step(lora, ids)}, "lora",
-                  memory, f"{args.batch}x{args.seq}")
-            del trainee, lora
+            candidates = {"moram": train_step(trainee, ids), "lora": train_step(lora, ids)}
+            if device.type == "cpu":  # where the fused training update runs: its composed before
+                composed = moram_model(base, atoms, training=True).train()
+                candidates["moram composed"] = composed_training(train_step(composed, ids))
+                composed_bytes = []
+                composed_training(lambda: composed_bytes.append(saved_bytes(composed, ids)))()
+                memory["moram composed"] = composed_bytes[0]
+            table("train", atoms, candidates, "lora", memory, f"{args.batch}x{args.seq}")
+            del trainee, lora, candidates
         if not {"prefill", "decode"} & set(args.stages):
             continue
         served = {"base": base, "moram": moram_model(base, atoms, training=False).eval(),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as MF
+from . import kernels
 from .config import MoRAMConfig
 from .methods import method_for
 
@@ -68,6 +69,35 @@ def is_projection(module: nn.Module) -> bool:
         return False
 
 
+class _ServingPlan:
+    """MoRAM's inference update over a frozen bank with everything looked up once: the joint
+    [W0; A_frozen] rows, the value rows and the C++ op. Per decoded token a wrapped layer is
+    ~50 µs of Python and view-making around a ~50 µs GEMV at SmolLM2's shapes (docs/performance.md),
+    so the checks that ``forward`` makes on every call are made here once; the layer drops the plan
+    whenever anything it read changes (mode, bank, open block, move or cast, a re-join)."""
+
+    __slots__ = ("base", "weight", "bias", "values", "d_out", "n_atoms", "dtype", "pointer", "op")
+
+    def __init__(self, layer: "MoRAMLayer", joint: tuple[torch.Tensor, torch.Tensor | None], op) -> None:
+        self.base, (self.weight, self.bias), self.op = layer.base, joint, op
+        self.values = layer.frozen_values
+        self.d_out, self.n_atoms = layer.out_features, layer.num_frozen
+        self.dtype, self.pointer = self.weight.dtype, layer.base.weight.data_ptr()
+
+    def applies(self, x: torch.Tensor) -> bool:
+        base = self.base
+        return x.dtype is self.dtype and x.device.type == "cpu" and base.weight.data_ptr() == self.pointer \
+            and not (x.requires_grad and torch.is_grad_enabled()) and not base._forward_hooks \
+            and not base._forward_pre_hooks and not torch.compiler.is_compiling()
+
+    def __call__(self, x: torch.Tensor, k: int, tau: float, delta: float | None, eps: float) -> torch.Tensor:
+        rows = F.linear(x, self.weight, self.bias).view(-1, self.d_out + self.n_atoms)
+        out = self.op(rows.narrow(1, 0, self.d_out), rows.narrow(1, self.d_out, self.n_atoms), self.values,
+                      MF.effective_k(k, self.n_atoms),
+                      float(tau), float(delta) if delta else 0.0, float(eps))
+        return out.view(*x.shape[:-1], self.d_out)
+
+
 class MoRAMLayer(nn.Module):
     def __init__(self, base: nn.Module, config: MoRAMConfig, name: str = ""):
         super().__init__()
@@ -93,6 +123,7 @@ class MoRAMLayer(nn.Module):
         # In eval, the storage [d_out + capacity, d_in] of which base.weight and bank_keys are
         # views (``_joint_projection``); None until then, or when a move/cast separated them.
         self._joint: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._serving: _ServingPlan | None = None  # built at the first eligible eval forward
         # The method's per-task tensors: frozen rows of every finished task (``frozen_<name>``),
         # each frozen atom's task (``frozen_block``), and the open block's parameter ``<name>``.
         # Non-persistent: state_dict stores their filled part, as it does the bank's.
@@ -115,7 +146,7 @@ class MoRAMLayer(nn.Module):
         # is cast to bf16, and they never belong in a checkpoint of the weights.
         self.collect_stats = False
         self.token_mask: torch.Tensor | None = None
-        self.activation_mass = torch.zeros(0)
+        self._mass = torch.zeros(0)
 
     # -- what the wrapped layer looks like from outside ------------------------------------
     @property
@@ -179,6 +210,7 @@ class MoRAMLayer(nn.Module):
             raise RuntimeError(f"{self.name}: begin_task() while task {self.task_index} is still open")
         self.task_index = task_index
         self.current_trained = False
+        self._serving = None
         self.method.begin_task(self, task_index)
         if self.A is not None:  # a fresh block: the method's per-task tensors start at zero
             for spec in self.method.task_tensors:
@@ -192,6 +224,7 @@ class MoRAMLayer(nn.Module):
 
     def drop_block(self) -> None:
         """Forget the open block (A, B, per-task tensors) without freezing anything."""
+        self._serving = None
         self.A = self.B = None
         for name in self.task_tensor_names:
             setattr(self, name, None)
@@ -208,6 +241,7 @@ class MoRAMLayer(nn.Module):
 
     def thaw_all(self) -> None:
         """Turn the whole frozen bank back into the trainable block (SeqLoRA)."""
+        self._serving = None
         self.A = nn.Parameter(self.frozen_A.clone())
         baked = self.frozen_scale_factor
         B = self.frozen_B / baked if baked is not None else self.frozen_B
@@ -264,6 +298,7 @@ class MoRAMLayer(nn.Module):
                       task_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Add one finished block to the frozen bank: keys A [n, d_in], values B [d_out, n]
         (scale baked in) and the method's per-task tensors of that block (name -> [rows, d_in])."""
+        self._serving = None
         dtype, device = self.bank_keys.dtype, self.bank_keys.device
         start, end = self._num_frozen, self._num_frozen + A.shape[0]
         if end > self.bank_keys.shape[0]:
@@ -286,6 +321,7 @@ class MoRAMLayer(nn.Module):
         """At least double the capacity (amortised O(1) appends), keeping the filled rows. The
         keys leave the joint storage (the next eval forward joins them again)."""
         capacity = max(needed, 2 * self.bank_keys.shape[0])
+        self._serving = None
         for name in ("bank_keys", "bank_values"):
             old = getattr(self, name)
             grown = old.new_zeros(capacity, old.shape[1])
@@ -295,6 +331,7 @@ class MoRAMLayer(nn.Module):
 
     @torch.no_grad()
     def clear_frozen(self) -> None:
+        self._serving = None
         self._num_frozen = 0
         for name in self.task_tensor_names:
             setattr(self, f"frozen_{name}", getattr(self, f"frozen_{name}")[:0].clone())
@@ -302,22 +339,38 @@ class MoRAMLayer(nn.Module):
         self._num_blocks = 0
 
     # -- statistics ------------------------------------------------------------------------
+    # The mass accumulates where the routing runs and moves to the host only when read (end of
+    # task, checkpoints): on a GPU a .cpu() per wrapped layer per forward would be a host sync.
+    @property
+    def activation_mass(self) -> torch.Tensor:
+        """Each routed atom's activation mass so far [R at most], float32 on the CPU."""
+        if self._mass.device.type != "cpu":
+            self._mass = self._mass.cpu()
+        return self._mass
+
+    @activation_mass.setter
+    def activation_mass(self, mass: torch.Tensor) -> None:
+        self._mass = mass
+
     def reset_stats(self) -> None:
-        self.activation_mass = torch.zeros(0)
+        self._mass = torch.zeros(0)
 
     def accumulate(self, w: torch.Tensor, x: torch.Tensor) -> None:
         """Add the weights w [..., R] of real tokens to each routed atom's activation mass."""
         mask = self.token_mask
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
             mask = None  # a layer that does not see [batch, seq] tokens
-        self._add_mass(MF.activation_mass(w, mask).cpu())
+        self._add_mass(MF.activation_mass(w, mask))
 
     def _add_mass(self, mass: torch.Tensor) -> None:
-        if self.activation_mass.numel() < mass.numel():  # the current block joined routing
-            grown = torch.zeros(mass.numel())
-            grown[: self.activation_mass.numel()] = self.activation_mass
-            self.activation_mass = grown
-        self.activation_mass[: mass.numel()] += mass
+        """Add ``mass`` (float32, on the routing's device) to the first atoms' running mass."""
+        total = self._mass
+        if total.device != mass.device:  # a read moved it to the host (or the model moved)
+            total = total.to(mass.device)
+        if total.numel() < mass.numel():  # the current block joined routing
+            total = torch.cat([total, total.new_zeros(mass.numel() - total.numel())])
+        total[: mass.numel()] += mass
+        self._mass = total
 
     def accumulate_kept(self, idx: torch.Tensor, w_kept: torch.Tensor, n_atoms: int, x: torch.Tensor) -> None:
         """The activation mass from the compact routing: each kept weight added to its atom."""
@@ -325,8 +378,7 @@ class MoRAMLayer(nn.Module):
         w_kept = w_kept.detach().float()
         if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
             w_kept = w_kept * mask.to(w_kept.dtype).unsqueeze(-1)
-        mass = w_kept.new_zeros(n_atoms).index_add_(0, idx.reshape(-1), w_kept.reshape(-1)).cpu()
-        self._add_mass(mass)
+        self._add_mass(w_kept.new_zeros(n_atoms).index_add_(0, idx.reshape(-1), w_kept.reshape(-1)))
 
     # -- the open task's state (checkpoints inside a task) ---------------------------------
     def open_state(self) -> dict[str, torch.Tensor]:
@@ -388,8 +440,19 @@ class MoRAMLayer(nn.Module):
         elif strict:
             missing_keys.extend(key for key in needed if key not in state_dict)
 
+    def train(self, mode: bool = True) -> "MoRAMLayer":
+        self._serving = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._serving = None  # a move or a cast: the plan's tensors are the old ones
+        return super()._apply(fn, recurse)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self._serving
+        if plan is not None and not args and not kwargs and not self.collect_stats and plan.applies(x):
+            return plan(x, self.k, self.tau, self.delta, self.config.eps)
         current = self.current_routes
         if self.training and current and torch.is_grad_enabled() and not self.current_trained:
             self.current_trained = True
@@ -398,8 +461,24 @@ class MoRAMLayer(nn.Module):
         if not self.fast:
             y = self.base(x, *args, **kwargs)
             return y + self._reference_delta(x, current).to(y.dtype)
+        if current and self.training and torch.is_grad_enabled() and self.method.trains_fused(x):
+            y = self.base(x, *args, **kwargs)  # before the dropout, as in _base_and_responses
+            return self.method.training_update(self, self.dropout(x).to(self.bank_keys.dtype), y)
         y, h, x_atoms = self._base_and_responses(x, current, args, kwargs)
-        return self.method.update(self, h, x_atoms, y, current)
+        out = self.method.update(self, h, x_atoms, y, current)
+        self._plan_serving(x, current, args, kwargs, h)
+        return out
+
+    def _plan_serving(self, x, current, args, kwargs, h) -> None:
+        """After an eval forward that took the joint GEMM and the C++ op, keep what it looked up
+        (``_ServingPlan``) for the next ones."""
+        if self.training or current or args or kwargs or self.collect_stats or self._joint is None \
+                or not self.method.serves_with_route_value or not kernels.uses_cpu_op(h) \
+                or x.dtype != self.bank_keys.dtype or (x.requires_grad and torch.is_grad_enabled()):
+            return
+        joint = self._joint_projection()
+        if joint is not None:
+            self._serving = _ServingPlan(self, joint, kernels.cpu_op.build().route_value)
 
     def _reference_delta(self, x: torch.Tensor, current: bool) -> torch.Tensor:
         """fast_path="off": the equations as written, over the concatenated bank."""
@@ -466,6 +545,7 @@ class MoRAMLayer(nn.Module):
             self._join_storage()
 
     def _join_storage(self) -> None:
+        self._serving = None
         base, d_out, capacity = self.base, self.out_features, self.bank_keys.shape[0]
         weight = base.weight.new_empty(d_out + capacity, self.in_features)
         weight[:d_out] = base.weight

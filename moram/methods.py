@@ -8,6 +8,8 @@ forward (a stateful method is one class here plus its config fields):
     mixture_weights(layer, ...)   w over the routed atoms; None = every atom counts fully
     update(layer, h, x, y, ...)   the fast path's y + Δy from the key responses h (default: w from
                                   mixture_weights, then the dense value; MoRAM: compact routing)
+    trains_fused(x)               whether the open block trains through training_update here
+    training_update(layer, x, y)  y + Δy from the input itself, one fused step (MoRAM, on CPU)
     task_tensors                  tensors it trains per task beside A and B (``TaskTensor``); the
                                   layer, the open task's state, shards and loading carry them
     routes                        whether it has routing weights (routing diagnostics)
@@ -55,6 +57,8 @@ class Method:
     routes: ClassVar[bool] = False
     shard_mode: ClassVar[str] = "append"
     task_tensors: ClassVar[tuple[TaskTensor, ...]] = ()
+    # whether its eval update over a frozen bank is kernels.route_value (the layer's serving plan)
+    serves_with_route_value: ClassVar[bool] = False
 
     def begin_task(self, layer: "MoRAMLayer", task_index: int) -> None:
         layer.new_block(task_index)
@@ -72,6 +76,15 @@ class Method:
             layer.accumulate(h.new_ones(h.shape) if w is None else w, x)
         return layer.dense_update(h if w is None else w * h, current, y)
 
+    def trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether the open block trains through ``training_update`` for this input (else the key
+        responses, then ``update``)."""
+        return False
+
+    def training_update(self, layer: "MoRAMLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + Δy from x (after dropout) in one fused step while the open block trains."""
+        raise NotImplementedError(f"{self.name} has no fused training update")
+
     def extra_loss(self, layer: "MoRAMLayer") -> torch.Tensor | None:
         return None
 
@@ -83,6 +96,7 @@ class MoRAM(Method):
     """Rank-1 atoms routed by normalised key response, top-k and a tempered softmax (Eqs. 5-8)."""
 
     name = "moram"
+    serves_with_route_value = True
     default_scale = 2.0     # alpha = 2r: the official MoRAM's lora_alpha (training/main.py:409)
     prunes = True
     routes = True
@@ -90,6 +104,18 @@ class MoRAM(Method):
     def mixture_weights(self, layer, h, x, current):
         delta = None if layer.training else layer.delta      # Eq. 8 acts at inference only
         return MF.route(h, layer.k, layer.tau, delta, layer.config.eps)
+
+    def trains_fused(self, x):
+        return kernels.uses_training_update(x)
+
+    def training_update(self, layer, x, y):
+        """Eqs. 3-7 while the open block trains, as one autograd function (``kernels.training_update``:
+        one key GEMM over [A_frozen; A], the routing's backward written out)."""
+        out, idx, w = kernels.training_update(x, y, layer.frozen_A, layer.A, layer.frozen_values,
+                                              layer.current_values(), layer.k, layer.tau, layer.config.eps)
+        if layer.collect_stats:
+            layer.accumulate_kept(idx, w, layer.num_frozen + layer.num_current, x)
+        return out
 
     def update(self, layer, h, x, y, current):
         """Eqs. 5-8 keeping only the k_eff atoms of each token, then the value of those. At
