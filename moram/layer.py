@@ -321,7 +321,6 @@ class MoRAMLayer(nn.Module):
         """At least double the capacity (amortised O(1) appends), keeping the filled rows. The
         keys leave the joint storage (the next eval forward joins them again)."""
         capacity = max(needed, 2 * self.bank_keys.shape[0])
-        self._serving = None
         for name in ("bank_keys", "bank_values"):
             old = getattr(self, name)
             grown = old.new_zeros(capacity, old.shape[1])

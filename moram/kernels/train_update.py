@@ -106,8 +106,8 @@ def uses_training_update(x: torch.Tensor) -> bool:
     autocast would) and outside torch.compile (which traces the composed path). On CUDA the
     Triton routing of the composed path serves training until bench/gpu_check.sh measures this.
     ``MORAM_FUSED_TRAINING=0`` turns it off (the composed path: benches, bisecting)."""
-    return os.environ.get("MORAM_FUSED_TRAINING", "1") != "0" and x.device.type == "cpu" and x.dtype.is_floating_point and not torch.is_autocast_enabled("cpu") \
-        and not torch.compiler.is_compiling()
+    return os.environ.get("MORAM_FUSED_TRAINING", "1") != "0" and x.device.type == "cpu" \
+        and x.dtype.is_floating_point and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
 def training_update(x: torch.Tensor, y: torch.Tensor, frozen_keys: torch.Tensor, A: torch.Tensor,
