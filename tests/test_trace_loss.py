@@ -15,6 +15,17 @@ from fixtures.paths import PROJECT_ROOT, TRACE_500
 CONFIG = PROJECT_ROOT / "jobs" / "configs" / "standard-cl" / "smollm2-135m_moram_order1-cpu.yaml"
 
 
+def _assert_same_gradients(mine, reference):
+    """A gradient entry is a sum over ~1000 tokens, so fp32 rounding in it scales with the
+    tensor's largest entry, not with the entry itself: a near-zero entry summed in another order
+    (packed rows, the fused training update) may move by ~1e-7 absolute. A packing or masking
+    defect moves entries by the gradient's own size, far outside 1e-5 of the largest."""
+    for name, (a, b) in reference.items():
+        for which, mine_grad, grad in (("A", mine[name][0], a), ("B", mine[name][1], b)):
+            torch.testing.assert_close(mine_grad, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()),
+                                       msg=lambda m: f"{name}.{which}: {m}")
+
+
 @pytest.mark.slow
 def test_the_answer_only_loss_equals_the_full_projection_loss_in_value_and_gradients():
     config = load_config(CONFIG, [f"data.root={TRACE_500}", "moram.dropout=0.0", "trace.pack_training=false"])
@@ -40,9 +51,7 @@ def test_the_answer_only_loss_equals_the_full_projection_loss_in_value_and_gradi
     reference, reference_grads = loss_and_grads(lambda: model(**batch).loss)
     mine, mine_grads = loss_and_grads(lambda: answer_token_loss(model, batch))
     torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
-    for name, (a, b) in reference_grads.items():
-        torch.testing.assert_close(mine_grads[name][0], a, rtol=1e-4, atol=1e-7, msg=f"{name}.A")
-        torch.testing.assert_close(mine_grads[name][1], b, rtol=1e-4, atol=1e-7, msg=f"{name}.B")
+    _assert_same_gradients(mine_grads, reference_grads)
     scored = int((batch["labels"] != -100).sum())
     assert 3 <= scored <= 3 * 6                     # a label or two and EOS per example
 
@@ -80,9 +89,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_gradients_and_statistics():
     reference, reference_grads, reference_stats = run(lambda: model(**padded).loss)
     mine, mine_grads, mine_stats = run(lambda: answer_token_loss(model, packed))
     torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
-    for name, (a, b) in reference_grads.items():
-        torch.testing.assert_close(mine_grads[name][0], a, rtol=1e-4, atol=1e-7, msg=f"{name}.A")
-        torch.testing.assert_close(mine_grads[name][1], b, rtol=1e-4, atol=1e-7, msg=f"{name}.B")
+    _assert_same_gradients(mine_grads, reference_grads)
     for name, mass in reference_stats.items():   # the filler counts in no statistic, as padding does not
         assert float(mass.sum()) > 0
         torch.testing.assert_close(mine_stats[name], mass, rtol=1e-4, atol=1e-4, msg=name)
