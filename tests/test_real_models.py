@@ -15,6 +15,9 @@ def gemma_gguf(tmp_path_factory):
     return assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")
 
 
+# long: assembling and dequantising the 270M GGUF is ~80 s of CI's 30 minutes; SmolLM2-135M, which
+# every slow test loads, goes through the same GGUF loader in `make test`.
+@pytest.mark.long
 def test_gemma3_270m_loads_from_gguf_and_injection_changes_nothing(gemma_gguf):
     model, tokenizer = load_causal_lm(gemma_gguf, cache_dir=MODEL_CACHE)
     assert type(model).__name__ == "Gemma3ForCausalLM"

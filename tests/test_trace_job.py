@@ -15,7 +15,7 @@ from fixtures.paths import PROJECT_ROOT, TRACE_500
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SMOKE = PROJECT_ROOT / "jobs" / "configs" / "trace" / "smollm2-135m_moram_cpu-smoke.yaml"
-TASKS = ["C-STANCE", "FOMC", "ScienceQA"]
+TASKS = ["C-STANCE", "FOMC"]     # two tasks: a frozen bank, a resume between them, ~2 min on 2 cores
 SHORT = [  # small enough for 2 CPU cores, big enough to train every layer's atoms
     f"data.root={TRACE_500}", "data.max_train_examples=8", "data.max_eval_examples=2",
     "trace.max_prompt_tokens=96", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -33,37 +33,37 @@ def job_config(tmp_path, mlflow_server, *overrides):
 def test_sequence_on_ray_train_with_s3_registry_and_mlflow_then_resume(tmp_path, s3_server, mlflow_server, ray_cluster):
     config = job_config(tmp_path, mlflow_server, f"data.tasks={TASKS}", "scaling.num_workers=2")
 
-    first = run_sequence(config, stop_after=2, progress=False)      # "stopped" after task 2's commit
-    assert first.trained == TASKS[:2] and len(first.matrix) == 2
-    resumed = run_sequence(config, progress=False)                  # the same run id continues at task 3
-    assert resumed.trained == ["ScienceQA"]
+    first = run_sequence(config, stop_after=1, progress=False)      # "stopped" after task 1's commit
+    assert first.trained == TASKS[:1] and len(first.matrix) == 1
+    resumed = run_sequence(config, progress=False)                  # the same run id continues at task 2
+    assert resumed.trained == ["FOMC"]
     assert resumed.mlflow_run_id == first.mlflow_run_id
 
-    # -- registry: 3 versions, one shard per task, atom counts as pruned ---------------------
+    # -- registry: 2 versions, one shard per task, atom counts as pruned ---------------------
     registry = Registry(config.registry_uri())
-    assert registry.versions(first.run_id) == [1, 2, 3]
-    shards = registry.read_shards(first.run_id, 3)
-    assert len(shards) == 3
-    for version, data in zip(registry.lineage(first.run_id, 3), shards):
+    assert registry.versions(first.run_id) == [1, 2]
+    shards = registry.read_shards(first.run_id, 2)
+    assert len(shards) == 2
+    for version, data in zip(registry.lineage(first.run_id, 2), shards):
         shard = read_shard(data)
         assert version.task == shard.metadata["task"]
         added = shard.metadata["added"]
         assert set(added.values()) == {8} and len(added) == 30 * 4    # r atoms per q,k,v,o layer
         assert sum(shard.atom_counts.values()) == version.metrics["atoms_kept"] <= 30 * 4 * 8
         assert version.metrics["atoms_added"] == 30 * 4 * 8
-    # frozen atoms unchanged: task 1's shard in version 3 is byte-identical to version 1's
+    # frozen atoms unchanged: task 1's shard in version 2 is byte-identical to version 1's
     assert registry.read_shards(first.run_id, 1)[0] == shards[0]
-    registry.verify(first.run_id, 3)
+    registry.verify(first.run_id, 2)
 
     # -- the matrix and the summary ----------------------------------------------------------
     matrix = resumed.matrix
-    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
     assert all(0 <= v <= 100 for row in matrix for v in row)
     assert resumed.summary["OP"] == pytest.approx(average_performance(matrix))
     assert resumed.summary["BWT_signed"] == pytest.approx(backward_transfer(matrix))
     assert resumed.summary["reference_forgetting_magnitude"] == pytest.approx(reference_forgetting(matrix))
 
-    # -- MLflow: a parent and exactly 3 children (no duplicates from the resume) -------------
+    # -- MLflow: a parent and exactly 2 children (no duplicates from the resume) -------------
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
     runs = client.search_runs([experiment.experiment_id])
@@ -76,13 +76,13 @@ def test_sequence_on_ray_train_with_s3_registry_and_mlflow_then_resume(tmp_path,
     assert parent.data.metrics["OP"] == pytest.approx(resumed.summary["OP"])
     # learning/forgetting curves: a point per task at step = task index, none doubled by the resume
     for key in ("OP", "BWT_signed", "BWT_eq10", *(f"eval/{t}" for t in TASKS)):
-        assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, key)) == [0, 1, 2], key
+        assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, key)) == [0, 1], key
     assert [m.value for m in client.get_metric_history(parent.info.run_id, "eval/FOMC")
             if m.step == 1] == [pytest.approx(matrix[1][1])]
     assert "BWT" not in parent.data.metrics
     note = parent.data.tags["mlflow.note.content"]               # the description: matrix and summary
-    assert "| after \\ on | " + " | ".join(TASKS) + " |" in note and "Tasks done: 3 of 3" in note
-    assert "| ScienceQA | " + " | ".join(f"{v:.2f}" for v in matrix[2]) + " |" in note
+    assert "| after \\ on | " + " | ".join(TASKS) + " |" in note and "Tasks done: 2 of 2" in note
+    assert "| FOMC | " + " | ".join(f"{v:.2f}" for v in matrix[1]) + " |" in note
     assert f"| OP | {resumed.summary['OP']:.2f} |" in note
     assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"]
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
@@ -113,6 +113,8 @@ def test_lost_worker_resumes_from_its_last_checkpoint(tmp_path, s3_server, mlflo
     assert version.metrics["train_steps"] == 3
 
 
+# long (make test-long): the lost-worker drill above keeps a Ray Train restart in CI's 30 minutes
+@pytest.mark.long
 def test_worker_lost_after_its_commit_does_not_retrain_the_task(tmp_path, s3_server, mlflow_server, ray_cluster,
                                                                monkeypatch):
     # The chief commits version 1, then dies before reporting; Ray Train restarts the group, which

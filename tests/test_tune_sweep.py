@@ -1,7 +1,7 @@
 """A real sweep on 2 CPU cores: Ray Tune over Ray Train, a tiny random LLaMA with the real SmolLM2
 tokenizer, two short TRACE tasks, the MLflow tracking server.
 
-The sweep runs once per module: the training stage alone (4 trials, 2 at a time, Optuna, ASHA),
+The sweep runs once per module: the training stage alone (2 trials at once, Optuna, ASHA),
 then the same sweep again, which restores the finished training stage and adds the δ stage.
 """
 import hashlib
@@ -23,6 +23,7 @@ from fixtures.tiny_lm import tiny_trace_job
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 TASKS = ["C-STANCE", "Py150"]    # Py150 (edit similarity) gives even a random model a score that varies
 DELTAS = [0.0, 0.3]
+TRIALS = 2       # both at once: each trial is a whole Ray Train sequence (~25 s a task on 2 cores)
 
 
 def tiny_space(base_config: Path) -> dict:
@@ -32,7 +33,7 @@ def tiny_space(base_config: Path) -> dict:
         "params": {"tau": {"space": "loguniform", "low": 0.01, "high": 0.5},
                    "k": {"space": "choice", "values": [2, 4]},
                    "delta": {"space": "grid", "values": DELTAS}},
-        "search": {"algorithm": "optuna", "num_samples": 4, "max_concurrent": 2, "seed": 0},
+        "search": {"algorithm": "optuna", "num_samples": TRIALS, "max_concurrent": 2, "seed": 0},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "objective": {"metric": "op", "mode": "max", "forgetting_weight": 0.5},
         "delta_stage": {"top_trials": 1},
@@ -74,9 +75,9 @@ def sweep(tmp_path_factory, tiny_lm_dir, trace_root, mlflow_server):
         ray.shutdown()
 
 
-def test_four_trials_two_at_a_time_then_delta_trials(sweep):
+def test_two_trials_at_once_then_delta_trials(sweep):
     trials = sweep.full.trials
-    assert len(trials) == 4
+    assert len(trials) == TRIALS
     assert {t.status for t in trials} <= {"finished", "stopped"}             # ASHA may stop some after task 1
     finished = [t for t in trials if t.status == "finished"]
     assert finished and all(t.tasks_done == len(TASKS) for t in finished)
@@ -111,7 +112,7 @@ def test_trials_are_mlflow_children_of_the_sweep_and_parents_of_their_sequences(
     assert len(sweeps) == 1 and sweeps[0].info.run_id == sweep.full.mlflow_run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
     stages = sorted(r.data.tags["moram.stage"] for r in children)
-    assert stages == ["delta"] * len(DELTAS) + ["train"] * 4                 # resuming made no duplicates
+    assert stages == ["delta"] * len(DELTAS) + ["train"] * TRIALS                 # resuming made no duplicates
     for trial in (r for r in children if r.data.tags["moram.stage"] == "train"):
         assert {"tau", "k"} <= set(trial.data.params) and "objective" in trial.data.metrics
         sequence = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
