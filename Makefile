@@ -58,7 +58,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not long" $(PYTEST_ARGS)
 
 test-long: $(TEST_STAMP)
 	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
